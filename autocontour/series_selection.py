@@ -1,0 +1,203 @@
+"""Scan an input folder for DICOM and choose the one CT series to contour.
+
+The rules live in ``config/series_selection.yaml``: filters a series must pass, then
+ranking keys applied in order.  The choice and its reason are logged and returned, so
+the report can say why this series was contoured and not another.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pydicom
+import yaml
+from pydicom.errors import InvalidDicomError
+
+from autocontour.errors import InputError, SeriesSelectionError
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["SelectionRules", "SeriesCandidate", "Selection", "scan_folder", "select_series", "DEFAULT_RULES_PATH"]
+
+DEFAULT_RULES_PATH = Path(__file__).resolve().parent.parent / "config" / "series_selection.yaml"
+
+
+@dataclass(frozen=True)
+class SelectionRules:
+    modality: str = "CT"
+    sop_class_uids: tuple[str, ...] = ("1.2.840.10008.5.1.4.1.1.2",)
+    min_slices: int = 10
+    exclude_image_type: tuple[str, ...] = ("LOCALIZER", "SCOUT", "SCREENSHOT", "PROJECTION")
+    require_axial: bool = True
+    axial_tolerance: float = 1e-3
+    ranking: tuple[str, ...] = (
+        "original_primary", "most_slices", "thinnest_slices", "newest_series", "series_instance_uid",
+    )
+
+    @classmethod
+    def from_yaml(cls, path: Path = DEFAULT_RULES_PATH) -> "SelectionRules":
+        cfg = yaml.safe_load(Path(path).read_text())
+        f = cfg.get("filters", {})
+        rules = cls(
+            modality=f.get("modality", cls.modality),
+            sop_class_uids=tuple(f.get("sop_class_uids", cls.sop_class_uids)),
+            min_slices=int(f.get("min_slices", cls.min_slices)),
+            exclude_image_type=tuple(t.upper() for t in f.get("exclude_image_type", cls.exclude_image_type)),
+            require_axial=bool(f.get("require_axial", True)),
+            axial_tolerance=float(f.get("axial_tolerance", cls.axial_tolerance)),
+            ranking=tuple(cfg.get("ranking", cls.ranking)),
+        )
+        unknown = set(rules.ranking) - set(_RANK_KEYS)
+        if unknown:
+            raise ValueError(f"{path}: unknown ranking keys {sorted(unknown)}; valid: {sorted(_RANK_KEYS)}")
+        return rules
+
+
+@dataclass
+class SeriesCandidate:
+    series_instance_uid: str
+    datasets: list = field(default_factory=list)  # pydicom Datasets, pixel data deferred
+    paths: list = field(default_factory=list)
+    rejected: str = ""  # why this series cannot be contoured ("" = eligible)
+
+    @property
+    def first(self):
+        return self.datasets[0]
+
+    def describe(self) -> str:
+        ds = self.first
+        return (
+            f"{self.series_instance_uid} ({getattr(ds, 'Modality', '?')}, {len(self.datasets)} files, "
+            f"'{getattr(ds, 'SeriesDescription', '')}', ImageType {'/'.join(getattr(ds, 'ImageType', []) or [])})"
+        )
+
+
+@dataclass
+class Selection:
+    chosen: SeriesCandidate
+    reason: str
+    candidates: list[SeriesCandidate]
+    skipped_files: list[tuple[str, str]]  # (path, why)
+
+
+def scan_folder(folder: Path) -> tuple[list[SeriesCandidate], list[tuple[str, str]]]:
+    """Read every DICOM header under ``folder`` (pixel data deferred), grouped by series.
+
+    Raises:
+        InputError: the folder is missing or empty, or holds no readable DICOM file.
+    """
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise InputError(f"input folder {folder} does not exist or is not a folder - pass -i with a folder of DICOM files")
+    files = sorted(Path(root) / f for root, _, names in os.walk(folder) for f in names)
+    if not files:
+        raise InputError(f"input folder {folder} is empty - put the planning CT's DICOM files in it")
+    by_series: dict[str, SeriesCandidate] = {}
+    skipped: list[tuple[str, str]] = []
+    for path in files:
+        try:
+            ds = pydicom.dcmread(path, defer_size="1 KB")
+            uid = str(ds.SeriesInstanceUID)
+            if not uid or not str(getattr(ds, "SOPInstanceUID", "")):
+                skipped.append((str(path), "empty SeriesInstanceUID or SOPInstanceUID (damaged anonymisation)"))
+                continue
+        except (InvalidDicomError, AttributeError, OSError, EOFError, ValueError, KeyError) as exc:
+            skipped.append((str(path), f"not readable as DICOM ({type(exc).__name__})"))
+            continue
+        cand = by_series.setdefault(uid, SeriesCandidate(uid))
+        cand.datasets.append(ds)
+        cand.paths.append(str(path))
+    if skipped:
+        logger.warning("skipped %d file(s) that are not readable DICOM, e.g. %s: %s", len(skipped), *skipped[0])
+    if not by_series:
+        raise InputError(f"no readable DICOM file in {folder} ({len(files)} files) - send the CT series as DICOM")
+    return sorted(by_series.values(), key=lambda c: c.series_instance_uid), skipped
+
+
+def _image_type(ds) -> list[str]:
+    return [str(v).upper() for v in (getattr(ds, "ImageType", None) or [])]
+
+
+def _rejection(cand: SeriesCandidate, rules: SelectionRules) -> str:
+    ds = cand.first
+    if str(getattr(ds, "Modality", "")) != rules.modality:
+        return f"modality {getattr(ds, 'Modality', 'missing')}, not {rules.modality}"
+    sop_classes = {str(getattr(d, "SOPClassUID", "")) for d in cand.datasets}
+    if not sop_classes <= set(rules.sop_class_uids):
+        return f"SOP class {sorted(sop_classes)} is not single-frame CT Image Storage"
+    # Localisers: drop the scout images; the series stays a candidate with what is left.
+    kept = [i for i, d in enumerate(cand.datasets) if not set(_image_type(d)) & set(rules.exclude_image_type)]
+    if not kept:
+        return f"image type {'/'.join(_image_type(ds))} (localiser/scout)"
+    if len(kept) < len(cand.datasets):
+        logger.warning(
+            "series %s: ignoring %d localiser/scout image(s) mixed into the series",
+            cand.series_instance_uid, len(cand.datasets) - len(kept),
+        )
+        cand.datasets = [cand.datasets[i] for i in kept]
+        cand.paths = [cand.paths[i] for i in kept]
+    with_pixels = [d for d in cand.datasets if "PixelData" in d]
+    if not with_pixels:
+        return "no pixel data in any file"
+    if len(cand.datasets) < rules.min_slices:
+        return f"{len(cand.datasets)} slices, fewer than the {rules.min_slices} needed for a volume"
+    if rules.require_axial:
+        iop = getattr(ds, "ImageOrientationPatient", None)
+        if iop is None or len(iop) != 6:
+            return "no ImageOrientationPatient"
+        normal = np.cross(np.array(iop[:3], float), np.array(iop[3:], float))
+        if abs(abs(normal[2]) - 1.0) > rules.axial_tolerance:
+            return f"not axial (slice normal {np.round(normal, 3).tolist()})"
+    return ""
+
+
+def _slice_thickness(cand: SeriesCandidate) -> float:
+    try:
+        return float(cand.first.SliceThickness)
+    except (AttributeError, TypeError, ValueError):
+        return float("inf")
+
+
+_RANK_KEYS = {
+    # smaller sorts first
+    "original_primary": lambda c: 0 if _image_type(c.first)[:2] == ["ORIGINAL", "PRIMARY"] else 1,
+    "most_slices": lambda c: -len(c.datasets),
+    "thinnest_slices": _slice_thickness,
+    "newest_series": lambda c: tuple(
+        -ord(ch) for ch in f"{getattr(c.first, 'SeriesDate', '')}{getattr(c.first, 'SeriesTime', '')}"
+    ),
+    "series_instance_uid": lambda c: c.series_instance_uid,
+}
+
+
+def select_series(candidates: list[SeriesCandidate], rules: SelectionRules, folder: Path | str = "") -> SeriesCandidate:
+    """The series to contour, by the rules; logs the choice and why.
+
+    Raises:
+        SeriesSelectionError: no series passes the filters (lists each series and why).
+    """
+    for cand in candidates:
+        cand.rejected = _rejection(cand, rules)
+    eligible = [c for c in candidates if not c.rejected]
+    if not eligible:
+        why = "; ".join(f"{c.describe()}: {c.rejected}" for c in candidates)
+        raise SeriesSelectionError(
+            f"no CT series in {folder} can be contoured ({why}) - send an axial CT series of at least "
+            f"{rules.min_slices} slices"
+        )
+    ranked = sorted(eligible, key=lambda c: tuple(_RANK_KEYS[k](c) for k in rules.ranking))
+    chosen = ranked[0]
+    if len(eligible) > 1:
+        logger.warning(
+            "%d CT series are eligible; contouring %s, chosen by %s; not contoured: %s",
+            len(eligible), chosen.describe(), " > ".join(rules.ranking),
+            ", ".join(c.series_instance_uid for c in ranked[1:]),
+        )
+    else:
+        logger.info("contouring series %s", chosen.describe())
+    return chosen

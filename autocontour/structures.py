@@ -1,0 +1,107 @@
+"""The one structure table: names, colours, codes and clinical constraints.
+
+Both writers (DICOM-SEG, RTSTRUCT), the post-processor and the report read this table;
+nothing else defines a colour or a code.  Importing it costs nothing (no numpy, no DICOM).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from enum import Enum
+
+__all__ = ["Code", "Laterality", "StructureDefinition", "STRUCTURES", "structure"]
+
+
+class Laterality(str, Enum):
+    NONE = "none"
+    LEFT = "left"  # patient left = +x in DICOM LPS
+    RIGHT = "right"  # patient right = -x in DICOM LPS
+
+
+@dataclass(frozen=True)
+class Code:
+    value: str
+    scheme: str
+    meaning: str
+
+
+ANATOMICAL_STRUCTURE = Code("123037004", "SCT", "Anatomical Structure")
+MORPHOLOGICALLY_ALTERED = Code("49755003", "SCT", "Morphologically Altered Structure")
+LEFT = Code("7771000", "SCT", "Left")
+RIGHT = Code("24028007", "SCT", "Right")
+
+_TG263 = re.compile(r"^[A-Za-z][A-Za-z0-9_^~]{0,15}$")
+
+
+@dataclass(frozen=True)
+class StructureDefinition:
+    """One output structure.
+
+    ``min_component_cc`` drops connected components smaller than that (specks);
+    ``max_components`` keeps at most that many of the largest components;
+    ``volume_range_cc`` is the plausible volume range (2.5th-97.5th percentile of the
+    OpenKBP training contours, widened by 50 %); a volume outside it is flagged, never
+    changed.
+    """
+
+    name: str  # AAPM TG-263
+    rt_roi_interpreted_type: str  # RTSTRUCT RTROIInterpretedType
+    rgb: tuple[int, int, int]
+    category: Code
+    type: Code
+    laterality: Laterality = Laterality.NONE
+    min_component_cc: float = 0.1
+    max_components: int = 1
+    fill_holes: bool = True
+    volume_range_cc: tuple[float, float] = (0.0, float("inf"))
+
+    def __post_init__(self) -> None:
+        if not _TG263.match(self.name):
+            raise ValueError(f"{self.name!r} is not a TG-263 name (<= 16 characters, no spaces)")
+        if not all(0 <= c <= 255 for c in self.rgb):
+            raise ValueError(f"{self.name}: colour {self.rgb} outside 0-255")
+        if self.max_components < 1:
+            raise ValueError(f"{self.name}: max_components must be >= 1")
+
+    @property
+    def laterality_code(self) -> Code | None:
+        return {Laterality.LEFT: LEFT, Laterality.RIGHT: RIGHT}.get(self.laterality)
+
+
+def _organ(name: str, code: str, meaning: str, rgb: tuple[int, int, int], **kw) -> StructureDefinition:
+    return StructureDefinition(name, "ORGAN", rgb, ANATOMICAL_STRUCTURE, Code(code, "SCT", meaning), **kw)
+
+
+STRUCTURES: tuple[StructureDefinition, ...] = (
+    _organ("Brainstem", "15926001", "Brainstem", (0, 200, 255), volume_range_cc=(10.0, 60.0)),
+    _organ("SpinalCord", "2748008", "Spinal cord", (255, 255, 0), volume_range_cc=(3.0, 80.0)),
+    _organ(
+        "Parotid_L", "45289007", "Parotid gland", (0, 160, 0),
+        laterality=Laterality.LEFT, volume_range_cc=(8.0, 75.0),
+    ),
+    _organ(
+        "Parotid_R", "45289007", "Parotid gland", (255, 128, 0),
+        laterality=Laterality.RIGHT, volume_range_cc=(8.0, 75.0),
+    ),
+    _organ("Esophagus", "32849002", "Esophagus", (160, 80, 40), volume_range_cc=(1.5, 60.0)),
+    _organ("Larynx", "4596009", "Larynx", (255, 0, 255), volume_range_cc=(5.0, 120.0)),
+    _organ("Bone_Mandible", "91609006", "Mandible", (230, 230, 200), volume_range_cc=(25.0, 160.0)),
+    StructureDefinition(
+        "PTV_High", "PTV", (255, 0, 0), MORPHOLOGICALLY_ALTERED,
+        Code("228793007", "SCT", "Planning target volume"),
+        max_components=4, min_component_cc=0.5, fill_holes=False, volume_range_cc=(5.0, 1500.0),
+    ),
+)
+
+_BY_NAME = {s.name: s for s in STRUCTURES}
+if len({n.lower() for n in _BY_NAME}) != len(STRUCTURES):
+    raise ValueError("structure names must be unique regardless of case (TG-263)")
+
+
+def structure(name: str) -> StructureDefinition:
+    """The table entry for ``name``; KeyError lists the valid names."""
+    try:
+        return _BY_NAME[name]
+    except KeyError:
+        raise KeyError(f"Unknown structure {name!r}. Valid structures: {', '.join(_BY_NAME)}") from None
