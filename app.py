@@ -1,0 +1,140 @@
+"""Head-and-neck auto-contouring MAP: DICOM CT in, DICOM-SEG + RTSTRUCT + report.json out.
+
+    python app.py -i INPUT -o OUTPUT [-m MODELS] [-w WORKDIR] [--backend auto|tensorrt|cuda|cpu]
+
+Paths default to HOLOSCAN_INPUT_PATH / HOLOSCAN_OUTPUT_PATH / HOLOSCAN_MODEL_PATH /
+HOLOSCAN_WORKDIR, then to ``input``, ``output``, this repo's ``models/`` and OUTPUT's
+staging folder.  Exit codes: see ``autocontour.errors`` (0 = contours written).
+
+Graph::
+
+    SeriesSelector -> CTVolume -+-> Segmentation[hn_oar]    -+-> Postprocess -+-> DicomSegWriter  -+-> Report
+                                +-> Segmentation[hn_target] -+                +-> RtstructWriter  -+
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+
+from autocontour import APP_NAME, __version__
+from autocontour.errors import AutoContourError, InputError
+from autocontour.model_config import ModelConfig, load_models
+from autocontour.output import discard, prepare_staging
+from autocontour.run_record import RunRecord
+from autocontour.series_selection import DEFAULT_RULES_PATH, SelectionRules
+
+logger = logging.getLogger(APP_NAME)
+
+REPO_MODELS = Path(__file__).resolve().parent / "models"
+SERIES_DESCRIPTION = "AUTO proposal - review before use"  # <= 64 chars (LO)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The MONAI Deploy app flags (-i/-o/-m/-w), defaulting to the HOLOSCAN_* variables."""
+    env = os.environ
+    ap = argparse.ArgumentParser(prog="app.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("-i", "--input", type=Path, default=Path(env.get("HOLOSCAN_INPUT_PATH", "input")))
+    ap.add_argument("-o", "--output", type=Path, default=Path(env.get("HOLOSCAN_OUTPUT_PATH", "output")))
+    ap.add_argument("-m", "--model", type=Path, default=Path(env.get("HOLOSCAN_MODEL_PATH", REPO_MODELS)))
+    ap.add_argument("-w", "--workdir", type=Path, default=Path(env["HOLOSCAN_WORKDIR"]) if env.get("HOLOSCAN_WORKDIR") else None)
+    ap.add_argument("--backend", default=env.get("AUTOCONTOUR_BACKEND", "auto"), help="auto, tensorrt, cuda or cpu")
+    ap.add_argument("--rules", type=Path, default=DEFAULT_RULES_PATH, help="series selection rules (YAML)")
+    ap.add_argument("-l", "--log-level", default=env.get("AUTOCONTOUR_LOG_LEVEL", "INFO"))
+    return ap.parse_args(argv)
+
+
+def load_backends(models: list[ModelConfig], preference: str, workdir: Path) -> list[tuple[ModelConfig, object]]:
+    """Open every model on its backend once, at start-up."""
+    from autocontour.backends import select_backend
+
+    return [(m, select_backend(m, preference, workdir)[0]) for m in models]
+
+
+def build_app(args: argparse.Namespace, record: RunRecord, loaded: list[tuple[ModelConfig, object]]):
+    """The operator graph as a MONAI Deploy ``Application`` (imports the SDK lazily)."""
+    from monai.deploy.core import Application
+
+    from operators import (
+        CTVolumeOperator,
+        DicomSegWriterOperator,
+        PostprocessOperator,
+        ReportOperator,
+        RtstructWriterOperator,
+        SegmentationOperator,
+        SeriesSelectorOperator,
+    )
+
+    rules = SelectionRules.from_yaml(args.rules)
+    algorithm_version = f"{__version__} (" + ", ".join(f"{m.name} {m.version}" for m, _ in loaded) + ")"
+
+    class AutoContourApp(Application):
+        def compose(self):
+            select = SeriesSelectorOperator(self, input_folder=args.input, rules=rules, record=record, name="select")
+            volume = CTVolumeOperator(self, record=record, name="volume")
+            post = PostprocessOperator(self, branches=[m.name for m, _ in loaded], record=record, name="postprocess")
+            writer_kw = dict(record=record, algorithm_name=APP_NAME, algorithm_version=algorithm_version,
+                             series_description=SERIES_DESCRIPTION)
+            seg = DicomSegWriterOperator(self, name="seg_writer", **writer_kw)
+            rts = RtstructWriterOperator(self, name="rtstruct_writer", **writer_kw)
+            report = ReportOperator(self, record=record, name="report")
+
+            self.add_flow(select, volume, {(select.OUT_SERIES, volume.IN_SERIES)})
+            self.add_flow(volume, post, {(volume.OUT_VOLUME, post.IN_VOLUME)})
+            for model, backend in loaded:
+                branch = SegmentationOperator(self, model=model, backend=backend, record=record, name=f"seg_{model.name}")
+                self.add_flow(volume, branch, {(volume.OUT_VOLUME, branch.IN_VOLUME)})
+                self.add_flow(branch, post, {(branch.OUT_MASKS, post.in_masks(model.name))})
+            for writer in (seg, rts):
+                self.add_flow(volume, writer, {(volume.OUT_VOLUME, writer.IN_VOLUME)})
+                self.add_flow(post, writer, {(post.OUT_STRUCTURES, writer.IN_STRUCTURES)})
+            self.add_flow(post, report, {(post.OUT_STRUCTURES, report.IN_STRUCTURES)})
+            self.add_flow(seg, report, {(seg.OUT_DONE, report.IN_SEG)})
+            self.add_flow(rts, report, {(rts.OUT_DONE, report.IN_RTSTRUCT)})
+
+    return AutoContourApp()
+
+
+def run(argv: list[str] | None = None) -> int:
+    """Run the app once; returns the process exit code."""
+    t0 = time.perf_counter()
+    args = parse_args(argv)
+    logging.basicConfig(
+        level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr
+    )
+    staging = None
+    try:
+        if not args.input.is_dir():
+            raise InputError(f"input folder {args.input} does not exist - pass -i with a folder of DICOM files")
+        models = load_models(args.model)
+        staging = prepare_staging(args.output)
+        record = RunRecord(args.input, args.output, staging)
+        record.started = t0
+        workdir = args.workdir or staging
+        with record.stage("startup_models"):
+            loaded = load_backends(models, args.backend, workdir)
+        record.info["models"] = [
+            {"name": m.name, "version": m.version, "onnx_sha256": m.onnx_sha256, "backend": b.name, "labels": list(m.labels)}
+            for m, b in loaded
+        ]
+        with record.stage("startup_sdk"):
+            app = build_app(args, record, loaded)
+        app.run()
+    except AutoContourError as exc:
+        discard(staging)
+        logger.error("%s: %s", type(exc).__name__, exc)
+        return exc.exit_code
+    except Exception:  # an unexpected failure: full traceback, no partial output
+        discard(staging)
+        logger.exception("internal error; no output written")
+        return AutoContourError.exit_code
+    logger.info("done in %.1f s", time.perf_counter() - t0)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(run())

@@ -1,0 +1,271 @@
+"""Inference backends behind one small interface, chosen automatically.
+
+Order of preference (``auto``): TensorRT (ONNX Runtime's TensorRT execution provider,
+FP16, engines cached in the work directory), CUDA (ONNX Runtime's CUDA EP), CPU (ONNX
+Runtime's default EP).  A GPU path is tried only when NVML (``nvidia-ml-py``) sees an
+NVIDIA GPU; each path that cannot be used is skipped with its reason logged, and if none
+loads the ModelError lists what each one needs.  ``fake`` is a test double.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Protocol
+
+import numpy as np
+
+from autocontour.errors import InferenceError, ModelError
+from autocontour.model_config import ModelConfig
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "Backend",
+    "BackendUnavailable",
+    "GpuInfo",
+    "probe_gpu",
+    "select_backend",
+    "register_backend",
+    "BACKENDS",
+    "trt_cache_dir",
+    "gpu_snapshot",
+]
+
+
+class Backend(Protocol):
+    name: str
+
+    def predict(self, x: np.ndarray) -> np.ndarray:
+        """(N, 1, Z, Y, X) float32 -> (N, C, Z, Y, X) float32 logits."""
+
+
+class BackendUnavailable(Exception):
+    """A backend cannot run here; the message says what it needs."""
+
+
+@dataclass(frozen=True)
+class GpuInfo:
+    name: str
+    index: int = 0
+    memory_total_mb: float = 0.0
+    driver: str = ""
+
+
+def probe_gpu() -> tuple[GpuInfo | None, str]:
+    """The first NVIDIA GPU as NVML sees it, or (None, why not)."""
+    try:
+        import pynvml
+    except ImportError:
+        return None, "nvidia-ml-py is not installed"
+    try:
+        pynvml.nvmlInit()
+    except Exception as exc:  # NVMLError_LibraryNotFound, DriverNotLoaded, ...
+        return None, f"NVML unavailable ({exc}): no NVIDIA driver/GPU"
+    try:
+        if pynvml.nvmlDeviceGetCount() < 1:
+            return None, "NVML sees no GPU"
+        h = pynvml.nvmlDeviceGetHandleByIndex(0)
+        name = pynvml.nvmlDeviceGetName(h)
+        name = name.decode() if isinstance(name, bytes) else str(name)
+        mem = pynvml.nvmlDeviceGetMemoryInfo(h).total / 2**20
+        drv = pynvml.nvmlSystemGetDriverVersion()
+        return GpuInfo(name, 0, float(mem), drv.decode() if isinstance(drv, bytes) else str(drv)), ""
+    finally:
+        try:
+            pynvml.nvmlShutdown()
+        except Exception:  # noqa: BLE001 - shutdown failure is irrelevant here
+            pass
+
+
+def gpu_snapshot() -> dict | None:
+    """GPU name, memory in use and utilisation now (NVML), or None without a GPU."""
+    try:
+        import pynvml
+
+        pynvml.nvmlInit()
+    except Exception:  # noqa: BLE001 - no NVML means no GPU to report
+        return None
+    try:
+        h = pynvml.nvmlDeviceGetHandleByIndex(0)
+        mem = pynvml.nvmlDeviceGetMemoryInfo(h)
+        util = pynvml.nvmlDeviceGetUtilizationRates(h)
+        name = pynvml.nvmlDeviceGetName(h)
+        return {
+            "name": name.decode() if isinstance(name, bytes) else str(name),
+            "memory_used_mb": round(mem.used / 2**20, 1),
+            "memory_total_mb": round(mem.total / 2**20, 1),
+            "utilisation_percent": int(util.gpu),
+        }
+    except Exception:  # noqa: BLE001
+        return None
+    finally:
+        try:
+            pynvml.nvmlShutdown()
+        except Exception:  # noqa: BLE001
+            pass
+
+
+def trt_cache_dir(workdir: Path, model: ModelConfig, gpu: GpuInfo, trt_version: str) -> Path:
+    """Engine cache folder keyed by model checksum, GPU model and TensorRT version.
+
+    A different model file, GPU or TensorRT release gets a fresh folder, so a stale
+    engine is never loaded.
+    """
+    gpu_key = re.sub(r"[^A-Za-z0-9]+", "-", gpu.name).strip("-")
+    trt_key = re.sub(r"[^A-Za-z0-9.]+", "-", trt_version)
+    return Path(workdir) / "trt-engines" / f"{model.name}-{model.onnx_sha256[:16]}-{gpu_key}-trt{trt_key}"
+
+
+class OrtBackend:
+    """An ONNX Runtime session on one execution provider."""
+
+    def __init__(self, name: str, model: ModelConfig, providers: list, threads: int | None = None):
+        import onnxruntime as ort
+
+        so = ort.SessionOptions()
+        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        so.intra_op_num_threads = threads or os.cpu_count() or 1
+        so.inter_op_num_threads = 1
+        so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+        so.log_severity_level = 3
+        try:
+            self.session = ort.InferenceSession(str(model.onnx_path), sess_options=so, providers=providers)
+        except Exception as exc:
+            raise BackendUnavailable(f"ONNX Runtime could not open {model.onnx_path} on {providers}: {exc}") from exc
+        wanted = providers[0][0] if isinstance(providers[0], tuple) else providers[0]
+        if wanted not in self.session.get_providers():
+            raise BackendUnavailable(f"{wanted} did not initialise (session runs on {self.session.get_providers()})")
+        self.name = name
+        self.input_name = self.session.get_inputs()[0].name
+
+    def predict(self, x: np.ndarray) -> np.ndarray:
+        try:
+            return self.session.run(None, {self.input_name: np.ascontiguousarray(x, np.float32)})[0]
+        except Exception as exc:
+            raise InferenceError(f"{self.name} inference failed: {exc}") from exc
+
+
+def _ort_providers() -> list[str]:
+    try:
+        import onnxruntime as ort
+    except ImportError as exc:
+        raise BackendUnavailable("onnxruntime is not installed (pip install onnxruntime / onnxruntime-gpu)") from exc
+    return ort.get_available_providers()
+
+
+@dataclass
+class BackendContext:
+    """What a backend factory may look at: the model, the GPU, the work directory."""
+
+    model: ModelConfig
+    workdir: Path
+    gpu: GpuInfo | None = None
+    gpu_reason: str = ""
+    threads: int | None = None
+    extra: dict = field(default_factory=dict)
+
+
+def _make_tensorrt(ctx: BackendContext) -> Backend:
+    if ctx.gpu is None:
+        raise BackendUnavailable(f"needs an NVIDIA GPU: {ctx.gpu_reason}")
+    if "TensorrtExecutionProvider" not in _ort_providers():
+        raise BackendUnavailable("needs onnxruntime-gpu built with TensorRT (TensorrtExecutionProvider not available)")
+    try:
+        import tensorrt
+
+        trt_version = tensorrt.__version__
+    except ImportError:
+        trt_version = "ort"
+    cache = trt_cache_dir(ctx.workdir, ctx.model, ctx.gpu, trt_version)
+    cache.mkdir(parents=True, exist_ok=True)
+    opts = {
+        "device_id": ctx.gpu.index,
+        "trt_fp16_enable": True,
+        "trt_engine_cache_enable": True,
+        "trt_engine_cache_path": str(cache),
+        "trt_timing_cache_enable": True,
+        "trt_timing_cache_path": str(cache),
+    }
+    logger.info("TensorRT engine cache for %s: %s", ctx.model.name, cache)
+    return OrtBackend("tensorrt", ctx.model, [("TensorrtExecutionProvider", opts), "CUDAExecutionProvider"])
+
+
+def _make_cuda(ctx: BackendContext) -> Backend:
+    if ctx.gpu is None:
+        raise BackendUnavailable(f"needs an NVIDIA GPU: {ctx.gpu_reason}")
+    if "CUDAExecutionProvider" not in _ort_providers():
+        raise BackendUnavailable("needs onnxruntime-gpu (CUDAExecutionProvider not available)")
+    return OrtBackend("cuda", ctx.model, [("CUDAExecutionProvider", {"device_id": ctx.gpu.index})])
+
+
+def _make_cpu(ctx: BackendContext) -> Backend:
+    if "CPUExecutionProvider" not in _ort_providers():
+        raise BackendUnavailable("onnxruntime has no CPUExecutionProvider")
+    return OrtBackend("cpu", ctx.model, ["CPUExecutionProvider"], threads=ctx.threads)
+
+
+class FakeBackend:
+    """Test double: logits from a function of the input (default: all background)."""
+
+    name = "fake"
+
+    def __init__(self, model: ModelConfig, fn: Callable[[np.ndarray], np.ndarray] | None = None):
+        self.model = model
+        n_out = len(model.labels) + (1 if model.kind == "softmax" else 0)
+        self.fn = fn or (lambda x: np.zeros((x.shape[0], n_out, *x.shape[2:]), np.float32))
+
+    def predict(self, x: np.ndarray) -> np.ndarray:
+        return self.fn(x)
+
+
+# name -> factory, in "auto" preference order
+BACKENDS: dict[str, Callable[[BackendContext], Backend]] = {
+    "tensorrt": _make_tensorrt,
+    "cuda": _make_cuda,
+    "cpu": _make_cpu,
+}
+
+
+def register_backend(name: str, factory: Callable[[BackendContext], Backend]) -> None:
+    """Add (or replace) a backend factory; it joins the end of the ``auto`` order."""
+    BACKENDS[name] = factory
+
+
+def select_backend(
+    model: ModelConfig,
+    preference: str = "auto",
+    workdir: Path | str = ".",
+    threads: int | None = None,
+    gpu_probe: Callable[[], tuple[GpuInfo | None, str]] = probe_gpu,
+) -> tuple[Backend, dict[str, str]]:
+    """The first backend that loads, and why each one before it was skipped.
+
+    Raises:
+        ModelError: ``preference`` is unknown, or no backend could load (lists each reason).
+    """
+    if preference != "auto" and preference not in BACKENDS:
+        raise ModelError(f"unknown backend {preference!r}; valid: auto, {', '.join(BACKENDS)}")
+    gpu, why = gpu_probe()
+    if gpu is None:
+        logger.info("no GPU backend: %s; using the CPU", why)
+    ctx = BackendContext(model, Path(workdir), gpu, why, threads)
+    order = list(BACKENDS) if preference == "auto" else [preference]
+    skipped: dict[str, str] = {}
+    for name in order:
+        try:
+            backend = BACKENDS[name](ctx)
+        except BackendUnavailable as exc:
+            skipped[name] = str(exc)
+            if gpu is not None or name not in ("tensorrt", "cuda"):
+                logger.warning("backend %s unavailable for %s: %s", name, model.name, exc)
+            continue
+        logger.info("model %s runs on backend %s", model.name, name)
+        return backend, skipped
+    raise ModelError(
+        f"no inference backend could load {model.onnx_path}: "
+        + "; ".join(f"{k}: {v}" for k, v in skipped.items())
+    )

@@ -1,0 +1,110 @@
+"""``models/<name>/model.yaml``: what a model needs to be run correctly, loaded once.
+
+Every fact about a model (labels, spacing, intensity window, patch size, version,
+checksum, validation Dice) lives beside its weights; the app reads it at start-up and
+verifies the weights' sha256 before anything else runs.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+
+from autocontour.errors import ModelError
+from autocontour.structures import structure
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["ModelConfig", "load_model_config", "load_models", "sha256_file"]
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    name: str
+    version: str
+    folder: Path
+    onnx_file: str
+    onnx_sha256: str
+    kind: str  # "softmax" | "sigmoid"
+    labels: tuple[str, ...]  # TG-263 name of each foreground output channel, in order
+    spacing_zyx: tuple[float, float, float]
+    window_hu: tuple[float, float]
+    patch_zyx: tuple[int, int, int]
+    description: str = ""
+
+    @property
+    def onnx_path(self) -> Path:
+        return self.folder / self.onnx_file
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def load_model_config(folder: Path, verify: bool = True) -> ModelConfig:
+    """Read ``folder/model.yaml`` and (by default) check the ONNX file's sha256.
+
+    Raises:
+        ModelError: model.yaml or the ONNX file is missing or unreadable, a field is
+            missing, a label is not in the structure table, or the checksum differs.
+    """
+    folder = Path(folder)
+    meta = folder / "model.yaml"
+    try:
+        cfg = yaml.safe_load(meta.read_text())
+        inp, files = cfg["input"], cfg["files"]
+        mc = ModelConfig(
+            name=str(cfg["name"]),
+            version=str(cfg["version"]),
+            folder=folder,
+            onnx_file=str(files["onnx"]["path"]),
+            onnx_sha256=str(files["onnx"]["sha256"]),
+            kind=str(cfg["output"]["kind"]),
+            labels=tuple(str(v) for v in cfg["output"]["labels"]),
+            spacing_zyx=tuple(float(v) for v in inp["spacing_zyx_mm"]),
+            window_hu=tuple(float(v) for v in inp["window_hu"]),
+            patch_zyx=tuple(int(v) for v in inp["patch_zyx"]),
+            description=str(cfg.get("description", "")),
+        )
+    except FileNotFoundError:
+        raise ModelError(f"model description {meta} not found - reinstall the app's models/ folder or pass -m") from None
+    except (yaml.YAMLError, KeyError, TypeError, ValueError) as exc:
+        raise ModelError(f"{meta} is malformed ({type(exc).__name__}: {exc}) - restore it from the release") from None
+    if mc.kind not in ("softmax", "sigmoid"):
+        raise ModelError(f"{meta}: output.kind {mc.kind!r} must be 'softmax' or 'sigmoid'")
+    for label in mc.labels:
+        try:
+            structure(label)
+        except KeyError as exc:
+            raise ModelError(f"{meta}: {exc.args[0]}") from None
+    if verify:
+        if not mc.onnx_path.is_file():
+            raise ModelError(
+                f"model file {mc.onnx_path} is missing (expected sha256 {mc.onnx_sha256}) - restore models/{mc.name}"
+            )
+        actual = sha256_file(mc.onnx_path)
+        if actual != mc.onnx_sha256:
+            raise ModelError(
+                f"model file {mc.onnx_path} is corrupt: sha256 {actual}, expected {mc.onnx_sha256} - "
+                f"restore models/{mc.name} from the release"
+            )
+    return mc
+
+
+def load_models(models_dir: Path, verify: bool = True) -> list[ModelConfig]:
+    """All models under ``models_dir`` (one sub-folder with a model.yaml each), sorted by name."""
+    models_dir = Path(models_dir)
+    if not models_dir.is_dir():
+        raise ModelError(f"model folder {models_dir} does not exist - pass -m with the app's models/ folder")
+    folders = sorted(p.parent for p in models_dir.glob("*/model.yaml"))
+    if not folders:
+        raise ModelError(f"no */model.yaml under {models_dir} - pass -m with the app's models/ folder")
+    return [load_model_config(f, verify) for f in folders]

@@ -1,0 +1,47 @@
+"""The machine-readable report: what was contoured, from what, how, and how long it took."""
+
+from __future__ import annotations
+
+import datetime as dt
+import platform
+
+from autocontour import APP_NAME, __version__
+from autocontour.backends import gpu_snapshot
+from autocontour.postprocess import StructureResult
+from autocontour.run_record import RunRecord
+from autocontour.structures import structure
+
+__all__ = ["build_report", "REPORT_SCHEMA_VERSION"]
+
+REPORT_SCHEMA_VERSION = 1
+
+
+def build_report(record: RunRecord, results: dict[str, StructureResult]) -> dict:
+    structures = []
+    for name, r in results.items():
+        d = structure(name)
+        structures.append(
+            {
+                "name": name,
+                "rt_roi_interpreted_type": d.rt_roi_interpreted_type,
+                "volume_cc": round(r.volume_cc, 3),
+                "centroid_lps_mm": r.centroid_lps,
+                "components_removed": r.components_removed,
+                "removed_cc": round(r.removed_cc, 3),
+                "holes_filled_cc": round(r.holes_filled_cc, 3),
+                "flags": r.flags,
+            }
+        )
+    return {
+        "schema_version": REPORT_SCHEMA_VERSION,
+        "application": {"name": APP_NAME, "version": __version__},
+        "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "status": "UNAPPROVED automatic proposal: review every structure before clinical use",
+        "input": {"path": str(record.input_path), **record.info.get("series", {}), **record.info.get("volume", {})},
+        "models": record.info.get("models", []),
+        "outputs": {k: record.info[k] for k in ("seg", "rtstruct") if k in record.info},
+        "structures": structures,
+        "flags": [f"{s['name']}: {f}" for s in structures for f in s["flags"]],
+        "seconds": record.seconds,
+        "host": {"python": platform.python_version(), "machine": platform.machine(), "gpu": gpu_snapshot()},
+    }

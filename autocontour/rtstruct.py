@@ -1,0 +1,583 @@
+"""RT Structure Set writer and reader: masks <-> planar contours on the CT's own slices.
+
+Writing (``mask_to_contours``, ``build_rtstruct``, ``write_dataset``)
+    Each slice ``k`` of a boolean mask is traced with marching squares at level 0.5 on
+    the mask padded by one pixel, so every outer boundary and every hole boundary is its
+    own closed polygon.  Planning systems (Eclipse, RayStation, Monaco, Pinnacle) combine
+    the contours of one ROI on one slice by the even-odd rule, so a hole is written as
+    one more contour inside its outer boundary.  All geometry goes through
+    ``Volume.affine``; the points of a contour all carry exactly the z of the CT slice
+    they are drawn on and reference that slice's SOP Instance UID.
+
+Reading (``rtstruct_contours``, ``contours_to_mask``, ``rasterise_rtstruct``)
+    Works for our files and for clinical ones: each CLOSED_PLANAR contour is mapped to
+    fractional ``(k, j, i)`` indices with the inverse affine, assigned to the slice whose
+    position is within half a slice spacing, and the contours of one slice are combined
+    by the even-odd rule (XOR of polygon fills).  A pixel is inside when its centre is
+    inside.  Contours that lie on no slice of the volume are reported, never silently
+    moved.
+
+Because marching-squares vertices lie halfway between a pixel centre inside and one
+outside, and the traced edges never pass through a pixel centre, ``build_rtstruct``
+followed by ``rasterise_rtstruct`` gives back the mask exactly.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+
+import numpy as np
+import pydicom
+from pydicom.charset import convert_encodings
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.sequence import Sequence as DicomSequence
+from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+from pydicom.valuerep import format_number_as_ds
+from skimage.draw import polygon as fill_polygon
+from skimage.measure import find_contours
+
+from autocontour.errors import GeometryError, OutputError
+from autocontour.structures import StructureDefinition, structure
+from autocontour.volume import Volume
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "RT_STRUCTURE_SET_STORAGE",
+    "DETACHED_STUDY_MANAGEMENT",
+    "CT_IMAGE_STORAGE",
+    "OffSliceContour",
+    "mask_to_contours",
+    "format_ds",
+    "build_rtstruct",
+    "write_dataset",
+    "rtstruct_contours",
+    "contours_to_mask",
+    "rasterise_rtstruct",
+]
+
+RT_STRUCTURE_SET_STORAGE = "1.2.840.10008.5.1.4.1.1.481.3"
+# Retired, but it is the value the RT Structure Set IOD examples and every planning
+# system use for RT Referenced Study Sequence > Referenced SOP Class UID.
+DETACHED_STUDY_MANAGEMENT = "1.2.840.10008.3.1.2.3.1"
+CT_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.2"
+
+# A traced vertex closer than this (in pixels) to the line through its neighbours is
+# dropped.  Marching squares on a binary mask only makes axis-aligned and 45-degree
+# segments, so this only ever removes exactly collinear vertices.
+COLLINEAR_TOLERANCE_PX = 0.05
+# Direction cosines may leave their patient axis by this much (same as volume.py).
+AXIAL_TOLERANCE = 1e-3
+# StructureSetLabel is a short string (SH, 16 characters).
+STRUCTURE_SET_LABEL = "AutoContour"
+
+# Patient and General Study attributes copied from the CT (all type 2 unless noted).
+_PATIENT_STUDY_KEYWORDS = (
+    "PatientName",
+    "PatientID",
+    "PatientBirthDate",
+    "PatientSex",
+    "StudyInstanceUID",  # type 1, checked separately
+    "StudyDate",
+    "StudyTime",
+    "StudyID",
+    "AccessionNumber",
+    "ReferringPhysicianName",
+    "StudyDescription",  # type 3: copied only when present
+)
+_TYPE3_KEYWORDS = {"StudyDescription"}
+
+
+# --------------------------------------------------------------------------- writing
+
+
+def mask_to_contours(mask2d: np.ndarray, affine: np.ndarray, k: int) -> list[np.ndarray]:
+    """Closed planar contours of slice ``k`` of a mask, as (N, 3) LPS polygons in mm.
+
+    Every outer boundary and every hole boundary is its own closed polygon (holes are
+    represented by the even-odd rule), separate islands are kept.  The closing vertex
+    is not repeated, collinear vertices are removed, and every polygon has at least 3
+    distinct points.  Marching squares (``skimage.measure.find_contours`` at level 0.5)
+    never makes self-intersecting polygons or polygons that cross each other.
+
+    Args:
+        mask2d: (rows, columns) mask of slice ``k``; nonzero is inside.
+        affine: 4x4 matrix mapping index ``(k, j, i, 1)`` to LPS mm.
+        k: the slice index, used to place the polygon in the patient.
+
+    Returns:
+        One float array of shape (N, 3) per polygon, in LPS mm.
+    """
+    mask2d = np.asarray(mask2d) != 0
+    if mask2d.ndim != 2:
+        raise ValueError(f"mask2d must be 2-D, got shape {mask2d.shape}")
+    if not mask2d.any():
+        return []
+    padded = np.pad(mask2d, 1).astype(np.float32)
+    lin = np.asarray(affine, dtype=float)[:3, :3]
+    origin = np.asarray(affine, dtype=float)[:3, 3] + lin[:, 0] * k
+    contours = []
+    for rc in find_contours(padded, 0.5):
+        rc = rc - 1.0  # back to unpadded (row, col)
+        rc = _simplify_closed(rc)
+        if len(rc) < 3:
+            continue
+        contours.append(origin + rc[:, 0:1] * lin[:, 1] + rc[:, 1:2] * lin[:, 2])
+    return contours
+
+
+def _simplify_closed(rc: np.ndarray) -> np.ndarray:
+    """Drop the repeated closing vertex, repeated vertices and collinear vertices."""
+    if len(rc) > 1 and np.allclose(rc[0], rc[-1]):
+        rc = rc[:-1]
+    if len(rc) > 1:
+        keep = np.linalg.norm(rc - np.roll(rc, 1, axis=0), axis=1) > 1e-9
+        rc = rc[keep]
+    if len(rc) < 3:
+        return rc
+    prev, nxt = np.roll(rc, 1, axis=0), np.roll(rc, -1, axis=0)
+    chord = nxt - prev
+    chord_len = np.linalg.norm(chord, axis=1)
+    to_p = rc - prev
+    # distance of each vertex from the line through its two neighbours
+    dist = np.abs(chord[:, 0] * to_p[:, 1] - chord[:, 1] * to_p[:, 0]) / np.maximum(chord_len, 1e-12)
+    # ... and it must lie between them (never remove the tip of a spike)
+    between = np.einsum("ij,ij->i", rc - prev, nxt - rc) > 0
+    collinear = (dist < COLLINEAR_TOLERANCE_PX) & between
+    return rc[~collinear]
+
+
+def format_ds(value: float) -> str:
+    """A Decimal String of at most 16 characters: 3 decimals (um), shorter if needed."""
+    value = float(value)
+    if not np.isfinite(value):
+        raise ValueError(f"cannot write {value} as a DICOM DS")
+    text = f"{round(value, 3) + 0.0:.3f}"  # "+ 0.0" turns -0.0 into 0.0
+    if len(text) > 16:
+        text = format_number_as_ds(value)
+    return text
+
+
+def _require_axial(volume: Volume) -> None:
+    """Contours are written on the CT's own slices, which must be axial planes."""
+    unit = volume.affine[:3, :3] / np.linalg.norm(volume.affine[:3, :3], axis=0)
+    in_plane_z = np.abs(unit[2, 1:]).max()
+    normal_off_z = np.abs(unit[:2, 0]).max()
+    if in_plane_z > AXIAL_TOLERANCE or normal_off_z > AXIAL_TOLERANCE:
+        raise GeometryError(
+            f"series {volume.series_instance_uid}: slices are not axial (direction {np.round(unit, 4).tolist()}); "
+            "RTSTRUCT contours are written on axial CT slices only - send an axial reconstruction"
+        )
+
+
+def _slice_z_text(volume: Volume, k: int) -> str:
+    """z (LPS) of slice ``k`` as written in ContourData: the slice's own plane.
+
+    The text of the slice's own ImagePositionPatient z is reused verbatim, so the
+    contour's z equals the image's z exactly (not just to a micrometre); the affine's
+    z is used when the header has none or it is not a usable DS.
+    """
+    z_affine = float(volume.affine[2, 0] * k + volume.affine[2, 3])
+    ipp = getattr(volume.datasets[k], "ImagePositionPatient", None)
+    if ipp is None or len(ipp) != 3:
+        return format_ds(z_affine)
+    text = str(ipp[2]).strip()
+    try:
+        z_own = float(text)
+    except ValueError:
+        return format_ds(z_affine)
+    if abs(z_own - z_affine) > 0.25 * abs(volume.affine[2, 0]):
+        logger.warning(
+            "slice %d (%s): ImagePositionPatient z %.3f is far from the volume's %.3f; using the volume's",
+            k, volume.sop_instance_uids[k], z_own, z_affine,
+        )
+        return format_ds(z_affine)
+    if len(text) > 16 or not np.isfinite(z_own):
+        return format_ds(z_own)
+    return text
+
+
+def _sop_class(ds) -> str:
+    return str(getattr(ds, "SOPClassUID", "") or CT_IMAGE_STORAGE)
+
+
+def _image_ref(ds, sop_instance_uid: str) -> Dataset:
+    item = Dataset()
+    item.ReferencedSOPClassUID = _sop_class(ds)
+    item.ReferencedSOPInstanceUID = sop_instance_uid
+    return item
+
+
+def _choose_character_set(ct: Dataset, texts: Iterable[str]) -> str | list[str]:
+    """The CT's SpecificCharacterSet when all our text fits in it, else UTF-8."""
+    charset = ct.get("SpecificCharacterSet")
+    texts = [t for t in texts if t]
+    if not charset:
+        return "ISO_IR 192"
+    encodings = convert_encodings(charset)
+    for text in texts:
+        if not any(_encodes(text, enc) for enc in encodings):
+            logger.info("text %r does not fit character set %s; writing ISO_IR 192 (UTF-8)", text, charset)
+            return "ISO_IR 192"
+    return charset
+
+
+def _encodes(text: str, encoding: str) -> bool:
+    try:
+        text.encode(encoding)
+    except (UnicodeError, LookupError):
+        return False
+    return True
+
+
+def build_rtstruct(
+    volume: Volume,
+    masks: Mapping[str, np.ndarray],
+    *,
+    series_description: str,
+    algorithm_name: str,
+    algorithm_version: str,
+    series_number: int = 901,
+    definitions: Mapping[str, StructureDefinition] | None = None,
+) -> Dataset:
+    """An RT Structure Set (1.2.840.10008.5.1.4.1.1.481.3) of ``masks`` on ``volume``.
+
+    One ROI per mask, in the order of ``masks``, numbered from 1.  Name, display colour
+    and RT ROI Interpreted Type come from the structure table (``definitions`` may
+    replace it, e.g. for structures read from another RTSTRUCT).  Contours are written
+    on the CT's own axial slices and reference them.
+
+    A structure whose mask is empty keeps its Structure Set ROI, ROI Contour (with its
+    colour) and RT ROI Observations items, but its ROI Contour item has no Contour
+    Sequence (a type 3 attribute): planning systems import it as an empty structure,
+    which tells the reviewer it was looked for and not found.  This is logged.
+
+    Args:
+        volume: the CT the masks were computed on; ``volume.datasets`` hold its headers.
+        masks: structure name -> (k, j, i) mask with ``volume.array.shape``.
+        series_description: SeriesDescription of the new series (the app says there that
+            the contours are an automatic proposal to be reviewed).
+        algorithm_name: written as Manufacturer, ManufacturerModelName and in
+            ROIGenerationDescription.
+        algorithm_version: written as SoftwareVersions and in ROIGenerationDescription.
+        series_number: SeriesNumber of the new series.
+        definitions: structure name -> definition; default: the structure table.
+
+    Raises:
+        ValueError: no masks, or a mask with the wrong shape, or no CT headers.
+        KeyError: a name that is not in the structure table.
+        GeometryError: no FrameOfReferenceUID / StudyInstanceUID, or non-axial slices.
+    """
+    if not masks:
+        raise ValueError("build_rtstruct needs at least one mask")
+    n_slices = volume.array.shape[0]
+    if len(volume.datasets) != n_slices or len(volume.sop_instance_uids) != n_slices:
+        raise ValueError(
+            f"volume has {n_slices} slices but {len(volume.datasets)} headers and "
+            f"{len(volume.sop_instance_uids)} SOP Instance UIDs"
+        )
+    if not volume.frame_of_reference_uid:
+        raise GeometryError(
+            f"series {volume.series_instance_uid}: the CT has no FrameOfReferenceUID, so contours cannot be "
+            "placed in the patient by a planning system - re-export the CT from the scanner"
+        )
+    ct = volume.datasets[0]
+    study_uid = volume.study_instance_uid or str(getattr(ct, "StudyInstanceUID", ""))
+    if not study_uid:
+        raise GeometryError(f"series {volume.series_instance_uid}: the CT has no StudyInstanceUID")
+    _require_axial(volume)
+    defs = [definitions[name] if definitions is not None else structure(name) for name in masks]
+    for name, mask in masks.items():
+        if np.shape(mask) != volume.array.shape:
+            raise ValueError(f"mask {name!r} has shape {np.shape(mask)}, volume has {volume.array.shape}")
+
+    if len(series_description) > 64:  # LO
+        logger.warning("series description %r is longer than 64 characters; truncated", series_description)
+        series_description = series_description[:64]
+    now = datetime.now()
+    date, time = now.strftime("%Y%m%d"), now.strftime("%H%M%S")
+    generation = f"{algorithm_name} {algorithm_version}"[:64]
+
+    ds = Dataset()
+    # SOP Common
+    ds.SpecificCharacterSet = _choose_character_set(
+        ct,
+        [str(ct.get(kw, "")) for kw in _PATIENT_STUDY_KEYWORDS]
+        + [series_description, algorithm_name, algorithm_version],
+    )
+    ds.InstanceCreationDate = date
+    ds.InstanceCreationTime = time
+    ds.SOPClassUID = RT_STRUCTURE_SET_STORAGE
+    ds.SOPInstanceUID = generate_uid()
+    # Patient, General Study
+    for keyword in _PATIENT_STUDY_KEYWORDS:
+        if keyword in ct:
+            setattr(ds, keyword, ct[keyword].value)
+        elif keyword not in _TYPE3_KEYWORDS:
+            setattr(ds, keyword, "")
+    ds.StudyInstanceUID = study_uid
+    # Frame of Reference (the CT's; the IOD has it since the Frame of Reference module
+    # was added to RT Structure Set; older readers use the ReferencedFrameOfReferenceSequence)
+    ds.FrameOfReferenceUID = volume.frame_of_reference_uid
+    ds.PositionReferenceIndicator = ct.get("PositionReferenceIndicator", "")
+    # RT Series
+    ds.Modality = "RTSTRUCT"
+    ds.SeriesInstanceUID = generate_uid()
+    ds.SeriesNumber = series_number
+    ds.SeriesDate = date
+    ds.SeriesTime = time
+    ds.SeriesDescription = series_description
+    ds.OperatorsName = ""
+    # General Equipment
+    ds.Manufacturer = algorithm_name
+    ds.ManufacturerModelName = algorithm_name
+    ds.SoftwareVersions = algorithm_version
+    # Structure Set
+    ds.StructureSetLabel = STRUCTURE_SET_LABEL
+    ds.StructureSetName = series_description
+    ds.InstanceNumber = 1
+    ds.StructureSetDate = date
+    ds.StructureSetTime = time
+    ds.ReferencedFrameOfReferenceSequence = DicomSequence([_referenced_frame(volume, study_uid)])
+
+    slice_z = [_slice_z_text(volume, k) for k in range(n_slices)]
+    slice_refs = [_image_ref(volume.datasets[k], volume.sop_instance_uids[k]) for k in range(n_slices)]
+    roi_items, contour_items, observation_items = [], [], []
+    for number, (name, definition) in enumerate(zip(masks, defs), start=1):
+        roi = Dataset()
+        roi.ROINumber = number
+        roi.ReferencedFrameOfReferenceUID = volume.frame_of_reference_uid
+        roi.ROIName = definition.name
+        roi.ROIGenerationAlgorithm = "AUTOMATIC"
+        roi.ROIGenerationDescription = generation
+        roi_items.append(roi)
+
+        roi_contour = Dataset()
+        roi_contour.ROIDisplayColor = list(definition.rgb)
+        roi_contour.ReferencedROINumber = number
+        contours = _contour_items(np.asarray(masks[name]) != 0, volume, slice_z, slice_refs)
+        if contours:
+            roi_contour.ContourSequence = DicomSequence(contours)
+            logger.info("RTSTRUCT ROI %d %s: %d contours", number, definition.name, len(contours))
+        else:
+            logger.warning("RTSTRUCT ROI %d %s: mask is empty; written without contours", number, definition.name)
+        contour_items.append(roi_contour)
+
+        observation = Dataset()
+        observation.ObservationNumber = number
+        observation.ReferencedROINumber = number
+        observation.ROIObservationLabel = definition.name
+        observation.RTROIInterpretedType = definition.rt_roi_interpreted_type
+        observation.ROIInterpreter = ""
+        observation_items.append(observation)
+
+    ds.StructureSetROISequence = DicomSequence(roi_items)
+    ds.ROIContourSequence = DicomSequence(contour_items)
+    ds.RTROIObservationsSequence = DicomSequence(observation_items)
+    # Approval
+    ds.ApprovalStatus = "UNAPPROVED"
+
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.MediaStorageSOPClassUID = ds.SOPClassUID
+    ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    return ds
+
+
+def _referenced_frame(volume: Volume, study_uid: str) -> Dataset:
+    """Frame of reference -> study -> series -> every CT slice."""
+    series = Dataset()
+    series.SeriesInstanceUID = volume.series_instance_uid
+    series.ContourImageSequence = DicomSequence(
+        [_image_ref(ds, uid) for ds, uid in zip(volume.datasets, volume.sop_instance_uids)]
+    )
+    study = Dataset()
+    study.ReferencedSOPClassUID = DETACHED_STUDY_MANAGEMENT
+    study.ReferencedSOPInstanceUID = study_uid
+    study.RTReferencedSeriesSequence = DicomSequence([series])
+    frame = Dataset()
+    frame.FrameOfReferenceUID = volume.frame_of_reference_uid
+    frame.RTReferencedStudySequence = DicomSequence([study])
+    return frame
+
+
+def _contour_items(
+    mask: np.ndarray, volume: Volume, slice_z: Sequence[str], slice_refs: Sequence[Dataset]
+) -> list[Dataset]:
+    items = []
+    for k in np.flatnonzero(mask.reshape(mask.shape[0], -1).any(axis=1)):
+        k = int(k)
+        for points in mask_to_contours(mask[k], volume.affine, k):
+            xy = [format_ds(v) for v in points[:, :2].ravel()]
+            z = slice_z[k]  # every point exactly on the slice's plane
+            data = [v for x, y in zip(xy[0::2], xy[1::2]) for v in (x, y, z)]
+            item = Dataset()
+            ref = Dataset()
+            ref.ReferencedSOPClassUID = slice_refs[k].ReferencedSOPClassUID
+            ref.ReferencedSOPInstanceUID = slice_refs[k].ReferencedSOPInstanceUID
+            item.ContourImageSequence = DicomSequence([ref])
+            item.ContourGeometricType = "CLOSED_PLANAR"
+            item.NumberOfContourPoints = len(points)
+            item.ContourNumber = len(items) + 1
+            item.ContourData = data
+            items.append(item)
+    return items
+
+
+def write_dataset(ds: Dataset, path: str | Path) -> Path:
+    """Save ``ds`` as a DICOM Part 10 file (preamble, file meta) and return the path.
+
+    The transfer syntax is the one in ``ds.file_meta`` (explicit VR little endian for
+    datasets from ``build_rtstruct``; implicit VR little endian is also accepted).
+
+    Raises:
+        OutputError: the file cannot be written.
+    """
+    path = Path(path)
+    file_meta = getattr(ds, "file_meta", None)
+    if file_meta is None:
+        ds.file_meta = file_meta = FileMetaDataset()
+    if "TransferSyntaxUID" not in file_meta:
+        file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    try:
+        ds.save_as(path, enforce_file_format=True)
+    except OSError as exc:
+        raise OutputError(f"cannot write {path}: {exc} - check that the output folder exists and is writable") from exc
+    logger.info("wrote %s", path)
+    return path
+
+
+# --------------------------------------------------------------------------- reading
+
+
+@dataclass(frozen=True)
+class OffSliceContour:
+    """A contour that could not be put on a slice of the volume, and why."""
+
+    roi_name: str
+    contour_index: int  # position in the ROI's Contour Sequence
+    z: float  # mean z (LPS) of its points
+    reason: str
+
+
+def rtstruct_contours(
+    ds_rtstruct: Dataset, volume: Volume
+) -> tuple[dict[str, dict[int, list[np.ndarray]]], list[OffSliceContour]]:
+    """CLOSED_PLANAR contours of every ROI, grouped by the slice of ``volume`` they lie on.
+
+    A contour belongs to slice ``k`` when all its points are within half a slice
+    spacing of that slice's plane.  Contours of other geometric types, contours on no
+    slice of the volume and non-planar contours are returned in the second list.
+
+    Returns:
+        ``{roi_name: {k: [(N, 3) LPS points, ...]}}`` (every ROI of the Structure Set
+        ROI Sequence is present, possibly with no contours), and the contours left out.
+    """
+    names = {}
+    for roi in ds_rtstruct.get("StructureSetROISequence", []):
+        name = str(getattr(roi, "ROIName", "") or f"ROI_{roi.ROINumber}")
+        if name in names.values():
+            name = f"{name}#{roi.ROINumber}"
+            logger.warning("RTSTRUCT has two ROIs named %r; reading ROI %s as %r", roi.ROIName, roi.ROINumber, name)
+        names[int(roi.ROINumber)] = name
+    inverse = np.linalg.inv(volume.affine)
+    n_slices = volume.array.shape[0]
+    by_roi: dict[str, dict[int, list[np.ndarray]]] = {name: {} for name in names.values()}
+    left_out: list[OffSliceContour] = []
+    for roi_contour in ds_rtstruct.get("ROIContourSequence", []):
+        number = int(roi_contour.ReferencedROINumber)
+        name = names.get(number)
+        if name is None:
+            name = f"ROI_{number}"
+            logger.warning("ROI Contour Sequence refers to ROI %d, absent from Structure Set ROI Sequence", number)
+            by_roi.setdefault(name, {})
+        for index, contour in enumerate(roi_contour.get("ContourSequence", [])):
+            points = np.asarray([float(v) for v in contour.get("ContourData", [])], dtype=float).reshape(-1, 3)
+            if len(points) == 0:
+                continue
+            z = float(points[:, 2].mean())
+            kind = str(getattr(contour, "ContourGeometricType", ""))
+            if kind != "CLOSED_PLANAR":
+                left_out.append(OffSliceContour(name, index, z, f"geometric type {kind or 'missing'} is not filled"))
+                continue
+            k_frac = points @ inverse[0, :3] + inverse[0, 3]
+            k_all = np.floor(k_frac + 0.5).astype(int)
+            k = int(k_all[0])
+            if (k_all != k).any():
+                left_out.append(OffSliceContour(name, index, z, "points lie on more than one slice (not planar)"))
+            elif not 0 <= k < n_slices:
+                left_out.append(OffSliceContour(name, index, z, "on no slice of the volume"))
+            else:
+                by_roi[name].setdefault(k, []).append(points)
+    return by_roi, left_out
+
+
+def contours_to_mask(
+    contours_by_k: Mapping[int, Sequence[np.ndarray]], shape: tuple[int, int, int], affine: np.ndarray
+) -> np.ndarray:
+    """Fill planar LPS contours into a (k, j, i) mask by the even-odd rule.
+
+    The contours of one slice are XOR-ed, so a contour inside another is a hole and a
+    contour inside a hole is an island.  A pixel is inside when its centre is.
+
+    Args:
+        contours_by_k: slice index -> (N, 3) LPS polygons on that slice.
+        shape: (slices, rows, columns) of the mask.
+        affine: 4x4 index (k, j, i, 1) -> LPS of the volume.
+    """
+    inverse = np.linalg.inv(np.asarray(affine, dtype=float))
+    mask = np.zeros(shape, dtype=bool)
+    for k, contours in contours_by_k.items():
+        for points in contours:
+            kji = np.asarray(points, dtype=float) @ inverse[:3, :3].T + inverse[:3, 3]
+            rr, cc = fill_polygon(kji[:, 1], kji[:, 2], shape=shape[1:])
+            mask[k, rr, cc] ^= True
+    return mask
+
+
+def rasterise_rtstruct(ds_rtstruct: Dataset | str | Path, volume: Volume, *, strict: bool = False) -> dict[str, np.ndarray]:
+    """Masks ``{ROIName: (k, j, i) bool array}`` of an RTSTRUCT on the grid of ``volume``.
+
+    Contours that lie on no slice of the volume (or are not CLOSED_PLANAR) are logged,
+    one warning per ROI; with ``strict=True`` they raise instead.
+
+    Args:
+        ds_rtstruct: the RTSTRUCT dataset, or a path to read it from.
+        volume: the CT the contours are drawn on.
+
+    Raises:
+        GeometryError: ``strict`` and some contours could not be placed; or the RTSTRUCT
+            refers to another frame of reference than the CT's.
+    """
+    if not isinstance(ds_rtstruct, Dataset):
+        ds_rtstruct = pydicom.dcmread(ds_rtstruct)
+    frames = {
+        str(item.FrameOfReferenceUID)
+        for item in ds_rtstruct.get("ReferencedFrameOfReferenceSequence", [])
+        if "FrameOfReferenceUID" in item
+    }
+    if volume.frame_of_reference_uid and frames and volume.frame_of_reference_uid not in frames:
+        raise GeometryError(
+            f"RTSTRUCT {ds_rtstruct.get('SOPInstanceUID', '?')} is in frame of reference {sorted(frames)}, "
+            f"the CT in {volume.frame_of_reference_uid} - contours cannot be placed on this CT"
+        )
+    by_roi, left_out = rtstruct_contours(ds_rtstruct, volume)
+    if left_out:
+        per_roi: dict[tuple[str, str], list[float]] = {}
+        for item in left_out:
+            per_roi.setdefault((item.roi_name, item.reason), []).append(item.z)
+        for (name, reason), zs in per_roi.items():
+            logger.warning(
+                "RTSTRUCT ROI %s: %d contours ignored (%s; z %.2f..%.2f mm)", name, len(zs), reason, min(zs), max(zs)
+            )
+        if strict:
+            raise GeometryError(
+                f"{len(left_out)} RTSTRUCT contours could not be placed on the CT's slices "
+                f"(first: ROI {left_out[0].roi_name}, z {left_out[0].z:.2f} mm, {left_out[0].reason})"
+            )
+    shape = volume.array.shape
+    return {name: contours_to_mask(by_k, shape, volume.affine) for name, by_k in by_roi.items()}

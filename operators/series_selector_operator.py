@@ -1,0 +1,49 @@
+"""Input folder -> the one CT series to contour (rules in config/series_selection.yaml)."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from monai.deploy.core import Fragment, Operator, OperatorSpec
+
+from autocontour.run_record import RunRecord
+from autocontour.series_selection import SelectionRules, scan_folder, select_series
+
+logger = logging.getLogger(__name__)
+
+
+class SeriesSelectorOperator(Operator):
+    """Scans the input folder's DICOM headers and emits the chosen ``SeriesCandidate``.
+
+    The SDK's DICOMDataLoaderOperator + DICOMSeriesSelectorOperator read every file in
+    full and match regex rules without ranking; this operator reads headers only (pixel
+    data deferred) and ranks the eligible series by the configured preferences.
+    """
+
+    OUT_SERIES = "series"
+
+    def __init__(self, fragment: Fragment, *args, input_folder: Path, rules: SelectionRules, record: RunRecord, **kwargs):
+        self.input_folder = Path(input_folder)
+        self.rules = rules
+        self.record = record
+        super().__init__(fragment, *args, **kwargs)
+
+    def setup(self, spec: OperatorSpec):
+        spec.output(self.OUT_SERIES)
+
+    def compute(self, op_input, op_output, context):
+        with self.record.stage("load_and_select"):
+            candidates, skipped = scan_folder(self.input_folder)
+            chosen = select_series(candidates, self.rules, self.input_folder)
+        self.record.info["series"] = {
+            "chosen": chosen.series_instance_uid,
+            "slices": len(chosen.datasets),
+            "candidates": [
+                {"series_instance_uid": c.series_instance_uid, "files": len(c.datasets), "rejected": c.rejected}
+                for c in candidates
+            ],
+            "skipped_files": len(skipped),
+            "ranking": list(self.rules.ranking),
+        }
+        op_output.emit(chosen, self.OUT_SERIES)

@@ -1,0 +1,113 @@
+"""Export a trained checkpoint to ONNX (what the app runs) and TorchScript, with model.yaml.
+
+    python -m training.export --task hn_oar [--checkpoint training/runs/hn_oar/best.pt]
+
+Writes ``models/<task>/model.onnx``, ``model.ts`` and ``model.yaml`` (labels, spacing,
+window, patch, version, provenance, sha256 of each file).  ``training/evaluate.py``
+adds the validation Dice to model.yaml afterwards.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import logging
+from pathlib import Path
+
+import numpy as np
+import torch
+import yaml
+
+from autocontour.model_config import sha256_file
+from training.tasks import TASKS, Task
+from training.train import ROOT, build_network
+
+logger = logging.getLogger("training.export")
+
+
+def export(task: Task, checkpoint: Path, out_dir: Path, version: str) -> Path:
+    ck = torch.load(checkpoint, weights_only=False, map_location="cpu")
+    net = build_network(task)
+    net.load_state_dict(ck["model"])
+    net.eval()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    x = torch.zeros(1, 1, *task.patch_zyx)
+    onnx_path, ts_path = out_dir / "model.onnx", out_dir / "model.ts"
+    torch.onnx.export(
+        net, x, str(onnx_path), input_names=["image"], output_names=["logits"],
+        dynamic_axes={"image": {0: "batch"}, "logits": {0: "batch"}}, opset_version=17, dynamo=False,
+    )
+    with torch.inference_mode():
+        ts = torch.jit.trace(net, x)
+    ts.save(str(ts_path))
+    # check the ONNX graph reproduces the network
+    import onnxruntime as ort
+
+    xr = torch.rand(2, 1, *task.patch_zyx)
+    with torch.inference_mode():
+        ref = net(xr).numpy()
+    got = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"]).run(None, {"image": xr.numpy()})[0]
+    err = float(np.abs(ref - got).max())
+    if err > 1e-3:
+        raise RuntimeError(f"ONNX export differs from the network by {err}")
+    run_dir = checkpoint.parent
+    history = json.loads((run_dir / "history.json").read_text()) if (run_dir / "history.json").exists() else []
+    old = yaml.safe_load((out_dir / "model.yaml").read_text()) if (out_dir / "model.yaml").exists() else {}
+    meta = {
+        "name": task.name,
+        "version": version,
+        "description": task.description,
+        "files": {
+            "onnx": {"path": onnx_path.name, "sha256": sha256_file(onnx_path), "opset": 17},
+            "torchscript": {"path": ts_path.name, "sha256": sha256_file(ts_path)},
+        },
+        "network": {
+            "architecture": "MONAI UNet (3-D, residual units 1, instance norm)",
+            "channels": list(task.channels),
+            "parameters": int(sum(p.numel() for p in net.parameters())),
+        },
+        "input": {
+            "orientation": "canonical (z, y, x): indices increase to superior, posterior, patient left (LPS)",
+            "spacing_zyx_mm": list(task.spacing_zyx),
+            "window_hu": list(task.window_hu),
+            "normalisation": "clip to window_hu, then (HU - low) / (high - low)",
+            "patch_zyx": list(task.patch_zyx),
+        },
+        "output": {
+            "kind": task.kind,
+            "labels": [name for name, _ in task.outputs],
+            "source_rois": {name: list(rois) for name, rois in task.outputs},
+        },
+        "training": {
+            "data": "OpenKBP train (170 head-and-neck planning CTs with clinical contours; "
+            "Babier et al., Med Phys 2021; images from TCIA, CC BY); last 10 held out for checkpoint selection",
+            "checkpoint": str(checkpoint.relative_to(ROOT)),
+            "iteration": int(ck["iteration"]),
+            "holdout_mean_dice": round(float(ck.get("holdout_mean", float("nan"))), 4),
+            "holdout_history": history,
+            "exported": dt.date.today().isoformat(),
+            "onnx_vs_torch_max_abs_diff": err,
+        },
+        "validation": old.get("validation", {}),
+    }
+    (out_dir / "model.yaml").write_text(yaml.safe_dump(meta, sort_keys=False, width=120))
+    logger.info("exported %s (iteration %d) to %s", task.name, ck["iteration"], out_dir)
+    return out_dir
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--task", choices=sorted(TASKS), required=True)
+    ap.add_argument("--checkpoint", type=Path)
+    ap.add_argument("--version", default="1.0.0")
+    ap.add_argument("--out", type=Path, default=ROOT / "models")
+    args = ap.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    task = TASKS[args.task]
+    ckpt = args.checkpoint or ROOT / "training/runs" / task.name / "best.pt"
+    export(task, ckpt, args.out / task.name, args.version)
+
+
+if __name__ == "__main__":
+    main()
