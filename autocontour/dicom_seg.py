@@ -11,9 +11,10 @@ The writer uses highdicom.  Choices, and why:
   structure (Parotid_L/R) carries its laterality (SCT Left/Right, CID 244) in the
   Segmented Property Type Modifier Code Sequence nested in the type code item, as
   PS3.3 C.8.20.2 (Segment Description Macro) defines it.
-* Frames are the CT slices themselves (one frame per non-empty slice and segment, empty
-  frames omitted), so each frame references its source CT slice and takes that slice's
-  ImagePositionPatient; the plane geometry is never recomputed.
+* Frames lie on the CT slices themselves (one frame per non-empty slice and segment,
+  empty frames omitted), so each frame references its source CT slice and takes that
+  slice's ImagePositionPatient; the plane geometry is never recomputed.  The SEG still
+  references every slice of the CT series (Referenced Series / Source Image Sequence).
 * Native (uncompressed) transfer syntax: BINARY frames are bit-packed (1 bit/pixel), so
   compression would cost time for little gain.
 
@@ -34,8 +35,8 @@ import numpy as np
 import pydicom
 from pydicom.dataset import Dataset
 from pydicom.sequence import Sequence as DicomSequence
-from pydicom.valuerep import DSfloat
 from pydicom.sr.codedict import codes
+from pydicom.valuerep import DSfloat
 
 from autocontour.structures import STRUCTURES, Code, StructureDefinition, structure
 from autocontour.volume import Volume
@@ -122,8 +123,9 @@ def build_seg(
         series_number: SeriesNumber of the new SEG series.
 
     Returns:
-        The Segmentation (a ``pydicom.Dataset`` subclass) with fresh Series/SOP Instance
-        UIDs, ready for ``save_as``/``dcmwrite``.
+        A ``highdicom.seg.Segmentation`` (a ``pydicom.Dataset``) with fresh Series/SOP
+        Instance UIDs; patient and study attributes are copied from the CT.  Write it
+        with ``save_as``.
 
     Raises:
         KeyError: a name is not in the structure table.
