@@ -496,9 +496,13 @@ def rtstruct_contours(
             logger.warning("ROI Contour Sequence refers to ROI %d, absent from Structure Set ROI Sequence", number)
             by_roi.setdefault(name, {})
         for index, contour in enumerate(roi_contour.get("ContourSequence", [])):
-            points = np.asarray([float(v) for v in contour.get("ContourData", [])], dtype=float).reshape(-1, 3)
-            if len(points) == 0:
+            values = np.asarray([float(v) for v in contour.get("ContourData", [])], dtype=float)
+            if values.size == 0:
                 continue
+            if values.size % 3:
+                left_out.append(OffSliceContour(name, index, float("nan"), "ContourData is not (x, y, z) triplets"))
+                continue
+            points = values.reshape(-1, 3)
             z = float(points[:, 2].mean())
             kind = str(getattr(contour, "ContourGeometricType", ""))
             if kind != "CLOSED_PLANAR":
@@ -539,7 +543,9 @@ def contours_to_mask(
     return mask
 
 
-def rasterise_rtstruct(ds_rtstruct: Dataset | str | Path, volume: Volume, *, strict: bool = False) -> dict[str, np.ndarray]:
+def rasterise_rtstruct(
+    ds_rtstruct: Dataset | str | Path, volume: Volume, *, strict: bool = False
+) -> dict[str, np.ndarray]:
     """Masks ``{ROIName: (k, j, i) bool array}`` of an RTSTRUCT on the grid of ``volume``.
 
     Contours that lie on no slice of the volume (or are not CLOSED_PLANAR) are logged,

@@ -20,12 +20,17 @@ import pytest
 from pydicom.dataset import Dataset
 from pydicom.uid import generate_uid
 
+try:
+    import shapely
+except ImportError:  # optional: the segment-intersection test below does the same check
+    shapely = None
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 if str(REPO_ROOT) not in sys.path:  # the repository has no installed package or conftest
     sys.path.insert(0, str(REPO_ROOT))
 
-from autocontour.errors import GeometryError
-from autocontour.rtstruct import (
+from autocontour.errors import GeometryError, OutputError  # noqa: E402
+from autocontour.rtstruct import (  # noqa: E402
     CT_IMAGE_STORAGE,
     DETACHED_STUDY_MANAGEMENT,
     RT_STRUCTURE_SET_STORAGE,
@@ -37,8 +42,8 @@ from autocontour.rtstruct import (
     rtstruct_contours,
     write_dataset,
 )
-from autocontour.structures import StructureDefinition, structure
-from autocontour.volume import Volume
+from autocontour.structures import StructureDefinition, structure  # noqa: E402
+from autocontour.volume import Volume  # noqa: E402
 
 SHAPE = (8, 40, 44)  # slices, rows, columns (rows != columns to catch swaps)
 SLICE_STEP, ROW_SPACING, COL_SPACING = 2.5, 1.2, 0.9
@@ -196,6 +201,12 @@ def inside_even_odd(points_xy: np.ndarray, polygon_xy: np.ndarray) -> np.ndarray
     return (crosses & (x < x_at)).sum(axis=1) % 2 == 1
 
 
+def external(name: str) -> StructureDefinition:
+    """A table-like definition for a clinical ROI that is not in our structure table."""
+    brainstem = structure("Brainstem")
+    return StructureDefinition(name, "EXTERNAL", (154, 155, 100), brainstem.category, brainstem.type)
+
+
 def lps_centroid(mask: np.ndarray, volume: Volume) -> np.ndarray:
     return volume.index_to_lps(np.argwhere(mask)).mean(axis=0)
 
@@ -248,6 +259,8 @@ def test_contours_do_not_self_intersect_or_cross():
         polys = [c[:, 1:] for c in mask_to_contours(mask, np.eye(4), 0)]
         for poly in polys:
             assert polygon_is_simple(poly)
+            if shapely is not None:
+                assert shapely.Polygon(poly).is_valid
         for a in range(len(polys)):
             for b in range(a + 1, len(polys)):
                 assert polygons_disjoint(polys[a], polys[b])
@@ -363,7 +376,8 @@ def test_missing_type2_attributes_are_empty_and_charset_falls_back():
     volume = make_volume()
     for ct in volume.datasets:
         del ct.AccessionNumber, ct.StudyDescription, ct.PatientBirthDate
-    ds = build_rtstruct(volume, {"Brainstem": make_masks()["Brainstem"]}, **{**WRITE_ARGS, "series_description": "Vorschlag → prüfen"})
+    args = {**WRITE_ARGS, "series_description": "Vorschlag → prüfen"}
+    ds = build_rtstruct(volume, {"Brainstem": make_masks()["Brainstem"]}, **args)
     assert ds.AccessionNumber == "" and ds.PatientBirthDate == ""
     assert "StudyDescription" not in ds  # type 3: not invented
     assert ds.SpecificCharacterSet == "ISO_IR 192"  # the arrow is not Latin-1
@@ -465,6 +479,16 @@ def test_written_file_is_part10(hfs, tmp_path):
     assert all(np.array_equal(masks_back[n], m) for n, m in masks.items())
 
 
+def test_write_dataset_adds_file_meta_and_reports_failures(tmp_path):
+    ds = Dataset()  # e.g. another writer's dataset without file meta
+    ds.SOPClassUID = RT_STRUCTURE_SET_STORAGE
+    ds.SOPInstanceUID = generate_uid()
+    back = pydicom.dcmread(write_dataset(ds, tmp_path / "x.dcm"))
+    assert back.file_meta.MediaStorageSOPInstanceUID == ds.SOPInstanceUID
+    with pytest.raises(OutputError, match="missing"):
+        write_dataset(ds, tmp_path / "missing" / "x.dcm")
+
+
 # dciodvfy prints no warning for our synthetic RTSTRUCT, so nothing is allowed there.
 # Fixed on the way: "Missing attribute Type 1 Required Element=<FrameOfReferenceUID>
 # Module=<FrameOfReference>" and the Type 2 <PositionReferenceIndicator> (the current RT
@@ -563,11 +587,7 @@ def test_clinical_rtstruct_rewritten_reads_back_the_same(clinical):
     first = rasterise_rtstruct(rtss, volume)
     big = {name: m for name, m in first.items() if m.sum() >= 100}
     assert big
-    definitions = {
-        name: StructureDefinition(name, "EXTERNAL", (154, 155, 100), structure("Brainstem").category,
-                                  structure("Brainstem").type)
-        for name in big
-    }
+    definitions = {name: external(name) for name in big}
     ds = build_rtstruct(volume, big, definitions=definitions, **WRITE_ARGS)
     assert ds.PatientID == volume.datasets[0].PatientID
     assert ds.SpecificCharacterSet == volume.datasets[0].SpecificCharacterSet
@@ -584,7 +604,5 @@ def test_clinical_rtstruct_rewritten_reads_back_the_same(clinical):
 def test_dciodvfy_conformance_clinical_header(clinical, tmp_path):
     volume, rtss = clinical
     body = rasterise_rtstruct(rtss, volume)["BODY"]
-    definitions = {"BODY": StructureDefinition("BODY", "EXTERNAL", (154, 155, 100),
-                                               structure("Brainstem").category, structure("Brainstem").type)}
-    ds = build_rtstruct(volume, {"BODY": body}, definitions=definitions, **WRITE_ARGS)
+    ds = build_rtstruct(volume, {"BODY": body}, definitions={"BODY": external("BODY")}, **WRITE_ARGS)
     check_dciodvfy(write_dataset(ds, tmp_path / "rs.dcm"), DCIODVFY_ALLOWED_WARNINGS["clinical"])
