@@ -115,7 +115,11 @@ def scan_folder(folder: Path) -> tuple[list[SeriesCandidate], list[tuple[str, st
     if skipped:
         logger.warning("skipped %d file(s) that are not readable DICOM, e.g. %s: %s", len(skipped), *skipped[0])
     if not by_series:
-        raise InputError(f"no readable DICOM file in {folder} ({len(files)} files) - send the CT series as DICOM")
+        why = skipped[0][1] if skipped else "no files"
+        raise InputError(
+            f"no usable DICOM file in {folder} ({len(files)} files; e.g. {Path(skipped[0][0]).name}: {why}) - "
+            "send the CT series as DICOM with its UIDs"
+        )
     return sorted(by_series.values(), key=lambda c: c.series_instance_uid), skipped
 
 
