@@ -1,8 +1,8 @@
 """Run one segmentation model on a Volume: canonical frame -> model grid -> back.
 
 1. The volume is viewed in the canonical (z, y, x) frame (exact transposes/flips).
-2. It is resampled to the model's spacing (separable linear interpolation, box
-   pre-filter when shrinking), cropped to the body's bounding box, windowed.
+2. It is resampled to the model's spacing (separable linear interpolation, Gaussian
+   anti-aliasing when shrinking), cropped to the body's bounding box, windowed.
 3. Sliding-window inference with Gaussian blending over the crop.
 4. Only the region where a structure is likely is interpolated back to the patient
    grid (all channels, then argmax for exclusive labels / > 0.5 for independent ones),
@@ -142,11 +142,11 @@ def segment(volume: Volume, model: ModelConfig, backend: Backend) -> dict[str, n
     src = np.array(view.spacing_zyx)
     step = np.array(model.spacing_zyx) / src  # source voxels per model voxel
     full_shape = tuple(int(np.floor((n - 1) / st)) + 1 for n, st in zip(canon.shape, step))
-    # box pre-filter on axes that shrink by >= 1.5 (anti-aliasing, like block averaging)
+    # symmetric Gaussian anti-aliasing on axes that shrink (sigma as skimage's rescale)
     img = canon
     for a, st in enumerate(step):
-        if st >= 1.5:
-            img = ndimage.uniform_filter1d(img, size=int(round(st)), axis=a, mode="nearest")
+        if st > 1.2:
+            img = ndimage.gaussian_filter1d(img, sigma=(st - 1) / 2, axis=a, mode="nearest", truncate=3.0)
     small = resample_linear(np.asarray(img, np.float32), tuple(np.arange(n) * st for n, st in zip(full_shape, step)))
     box = body_box(small, model.spacing_zyx)
     crop = small[box]

@@ -1,0 +1,136 @@
+"""Backend selection: GPU paths chosen when the hardware is there, CPU fallback with reasons."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from autocontour import backends
+from autocontour.backends import BackendUnavailable, GpuInfo, select_backend, trt_cache_dir
+from autocontour.errors import ModelError
+from autocontour.model_config import ModelConfig
+
+MODEL = ModelConfig("m", "1", Path("."), "x.onnx", "ab" * 32, "sigmoid", ("PTV_High",), (3.0, 4.0, 4.0),
+                    (-500.0, 1000.0), (16, 16, 16))
+H100 = GpuInfo("NVIDIA H100 80GB HBM3", 0, 81559.0, "580.159.04")
+
+
+class Made:
+    def __init__(self, name):
+        self.name = name
+
+    def predict(self, x):
+        return x
+
+
+@pytest.fixture
+def fake_factories(monkeypatch):
+    """Factories that record the call and succeed/fail by the provider list given."""
+    calls = []
+
+    def install(providers: set[str]):
+        def factory(name, needs_gpu, provider):
+            def make(ctx):
+                calls.append(name)
+                if needs_gpu and ctx.gpu is None:
+                    raise BackendUnavailable(f"needs an NVIDIA GPU: {ctx.gpu_reason}")
+                if provider not in providers:
+                    raise BackendUnavailable(f"{provider} not available")
+                return Made(name)
+            return make
+
+        monkeypatch.setattr(backends, "BACKENDS", {
+            "tensorrt": factory("tensorrt", True, "TensorrtExecutionProvider"),
+            "cuda": factory("cuda", True, "CUDAExecutionProvider"),
+            "cpu": factory("cpu", False, "CPUExecutionProvider"),
+        })
+        return calls
+
+    return install
+
+
+ALL = {"TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"}
+
+
+@pytest.mark.parametrize(
+    "gpu, providers, chosen, skipped",
+    [
+        (H100, ALL, "tensorrt", []),
+        (H100, ALL - {"TensorrtExecutionProvider"}, "cuda", ["tensorrt"]),
+        (H100, {"CPUExecutionProvider"}, "cpu", ["tensorrt", "cuda"]),
+        (None, ALL, "cpu", ["tensorrt", "cuda"]),
+    ],
+    ids=["gpu+trt", "gpu-no-trt", "gpu-cpu-only-ort", "no-gpu"],
+)
+def test_auto_picks_the_fastest_available(fake_factories, gpu, providers, chosen, skipped):
+    fake_factories(providers)
+    backend, why = select_backend(MODEL, "auto", gpu_probe=lambda: (gpu, "" if gpu else "NVML: no driver"))
+    assert backend.name == chosen
+    assert sorted(why) == sorted(skipped)
+    if gpu is None:
+        assert "NVML: no driver" in why["tensorrt"]
+
+
+def test_no_backend_error_lists_what_each_needs(fake_factories):
+    fake_factories(set())
+    with pytest.raises(ModelError) as exc:
+        select_backend(MODEL, "auto", gpu_probe=lambda: (None, "no NVIDIA driver"))
+    msg = str(exc.value)
+    for name in ("tensorrt", "cuda", "cpu"):
+        assert f"{name}:" in msg
+    assert "CPUExecutionProvider not available" in msg
+
+
+def test_unknown_backend_names_the_valid_ones():
+    with pytest.raises(ModelError, match="valid: auto, tensorrt, cuda, cpu"):
+        select_backend(MODEL, "openvino")
+
+
+def test_forced_gpu_backend_without_gpu_fails_clearly():
+    with pytest.raises(ModelError, match="tensorrt: needs an NVIDIA GPU: no driver"):
+        select_backend(MODEL, "tensorrt", gpu_probe=lambda: (None, "no driver"))
+
+
+def test_real_probe_on_this_machine_does_not_crash():
+    gpu, why = backends.probe_gpu()
+    assert (gpu is None) == bool(why)
+
+
+@pytest.mark.parametrize(
+    "change, same",
+    [({}, True), ({"sha": "cd" * 32}, False), ({"gpu": "NVIDIA H200"}, False), ({"trt": "10.4.0"}, False)],
+)
+def test_trt_engine_cache_is_keyed_by_model_gpu_and_version(tmp_path, change, same):
+    base = trt_cache_dir(tmp_path, MODEL, H100, "10.3.0")
+    model = MODEL if "sha" not in change else ModelConfig(**{**MODEL.__dict__, "onnx_sha256": change["sha"]})
+    gpu = H100 if "gpu" not in change else GpuInfo(change["gpu"])
+    other = trt_cache_dir(tmp_path, model, gpu, change.get("trt", "10.3.0"))
+    assert (base == other) is same
+    assert base.parent == tmp_path / "trt-engines" and " " not in base.name
+
+
+def test_tensorrt_factory_configures_fp16_and_the_keyed_cache(monkeypatch, tmp_path):
+    seen = {}
+
+    class FakeOrt:
+        def __init__(self, name, model, providers, threads=None):
+            seen["providers"] = providers
+            self.name = name
+
+    monkeypatch.setattr(backends, "_ort_providers", lambda: ["TensorrtExecutionProvider", "CUDAExecutionProvider"])
+    monkeypatch.setattr(backends, "OrtBackend", FakeOrt)
+    ctx = backends.BackendContext(MODEL, tmp_path, H100)
+    b = backends._make_tensorrt(ctx)
+    trt, opts = seen["providers"][0]
+    assert b.name == "tensorrt" and trt == "TensorrtExecutionProvider"
+    assert opts["trt_fp16_enable"] and opts["trt_engine_cache_enable"]
+    assert Path(opts["trt_engine_cache_path"]).is_dir()
+    assert Path(opts["trt_engine_cache_path"]).parent == tmp_path / "trt-engines"
+    assert seen["providers"][1] == "CUDAExecutionProvider"  # fallback inside the session
+
+
+def test_fake_backend_shapes():
+    b = backends.FakeBackend(MODEL)
+    assert b.predict(np.zeros((2, 1, 4, 4, 4), np.float32)).shape == (2, 1, 4, 4, 4)
