@@ -58,6 +58,7 @@ def load_backends(models: list[ModelConfig], preference: str, workdir: Path) -> 
 def build_app(args: argparse.Namespace, record: RunRecord, loaded: list[tuple[ModelConfig, object]]):
     """The operator graph as a MONAI Deploy ``Application`` (imports the SDK lazily)."""
     from monai.deploy.core import Application
+    from monai.deploy.conditions import CountCondition
 
     from operators import (
         CTVolumeOperator,
@@ -74,7 +75,9 @@ def build_app(args: argparse.Namespace, record: RunRecord, loaded: list[tuple[Mo
 
     class AutoContourApp(Application):
         def compose(self):
-            select = SeriesSelectorOperator(self, input_folder=args.input, rules=rules, record=record, name="select")
+            # the graph's root runs exactly once: one input folder, one series, one result
+            select = SeriesSelectorOperator(self, CountCondition(self, 1), input_folder=args.input, rules=rules,
+                                            record=record, name="select")
             volume = CTVolumeOperator(self, record=record, name="volume")
             post = PostprocessOperator(self, branches=[m.name for m, _ in loaded], record=record, name="postprocess")
             writer_kw = dict(record=record, algorithm_name=APP_NAME, algorithm_version=algorithm_version,
@@ -106,6 +109,7 @@ def run(argv: list[str] | None = None) -> int:
     logging.basicConfig(
         level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr
     )
+    logging.getLogger("highdicom").setLevel(max(logging.WARNING, logging.getLogger().level))
     staging = None
     try:
         if not args.input.is_dir():

@@ -41,8 +41,9 @@ class StructureDefinition:
     ``min_component_cc`` drops connected components smaller than that (specks);
     ``max_components`` keeps at most that many of the largest components;
     ``volume_range_cc`` is the plausible volume range (2.5th-97.5th percentile of the
-    OpenKBP training contours, widened by 50 %); a volume outside it is flagged, never
-    changed.
+    OpenKBP training contours, low / 1.5 and high * 1.5, from ``python -m
+    training.volume_stats``); a volume outside it is flagged, never changed.
+    The SpinalCord range depends on how far inferior the cord was contoured.
     """
 
     name: str  # AAPM TG-263
@@ -74,23 +75,23 @@ def _organ(name: str, code: str, meaning: str, rgb: tuple[int, int, int], **kw) 
 
 
 STRUCTURES: tuple[StructureDefinition, ...] = (
-    _organ("Brainstem", "15926001", "Brainstem", (0, 200, 255), volume_range_cc=(10.0, 60.0)),
-    _organ("SpinalCord", "2748008", "Spinal cord", (255, 255, 0), volume_range_cc=(3.0, 80.0)),
+    _organ("Brainstem", "15926001", "Brainstem", (0, 200, 255), volume_range_cc=(5.8, 62.5)),
+    _organ("SpinalCord", "2748008", "Spinal cord", (255, 255, 0), volume_range_cc=(8.0, 67.8)),
     _organ(
         "Parotid_L", "45289007", "Parotid gland", (0, 160, 0),
-        laterality=Laterality.LEFT, volume_range_cc=(8.0, 75.0),
+        laterality=Laterality.LEFT, volume_range_cc=(7.3, 71.6),
     ),
     _organ(
         "Parotid_R", "45289007", "Parotid gland", (255, 128, 0),
-        laterality=Laterality.RIGHT, volume_range_cc=(8.0, 75.0),
+        laterality=Laterality.RIGHT, volume_range_cc=(7.9, 70.6),
     ),
-    _organ("Esophagus", "32849002", "Esophagus", (160, 80, 40), volume_range_cc=(1.5, 60.0)),
-    _organ("Larynx", "4596009", "Larynx", (255, 0, 255), volume_range_cc=(5.0, 120.0)),
-    _organ("Bone_Mandible", "91609006", "Mandible", (230, 230, 200), volume_range_cc=(25.0, 160.0)),
+    _organ("Esophagus", "32849002", "Esophagus", (160, 80, 40), volume_range_cc=(2.5, 39.5)),
+    _organ("Larynx", "4596009", "Larynx", (255, 0, 255), volume_range_cc=(1.3, 87.0)),
+    _organ("Bone_Mandible", "91609006", "Mandible", (230, 230, 200), volume_range_cc=(24.5, 134.3)),
     StructureDefinition(
         "PTV_High", "PTV", (255, 0, 0), MORPHOLOGICALLY_ALTERED,
         Code("228793007", "SCT", "Planning target volume"),
-        max_components=4, min_component_cc=0.5, fill_holes=False, volume_range_cc=(5.0, 1500.0),
+        max_components=4, min_component_cc=0.5, fill_holes=False, volume_range_cc=(39.3, 1193.9),
     ),
 )
 

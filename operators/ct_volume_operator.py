@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from operators._ports import PYOBJECT
 from monai.deploy.core import Fragment, Operator, OperatorSpec
 
 from autocontour.ct_volume import build_volume
@@ -33,4 +34,4 @@ class CTVolumeOperator(Operator):
             "frame_of_reference_uid": volume.frame_of_reference_uid,
             "study_instance_uid": volume.study_instance_uid,
         }
-        op_output.emit(volume, self.OUT_VOLUME)
+        op_output.emit(volume, self.OUT_VOLUME, PYOBJECT)

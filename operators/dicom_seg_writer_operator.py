@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from operators._ports import PYOBJECT
 from monai.deploy.core import Fragment, Operator, OperatorSpec
 
 from autocontour.dicom_seg import build_seg
@@ -42,4 +43,4 @@ class DicomSegWriterOperator(Operator):
             write_dataset(ds, path)
         self.record.staged_files[name] = path
         self.record.info["seg"] = {"file": name, "series_instance_uid": str(ds.SeriesInstanceUID)}
-        op_output.emit(str(path), self.OUT_DONE)
+        op_output.emit(str(path), self.OUT_DONE, PYOBJECT)

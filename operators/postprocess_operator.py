@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from operators._ports import PYOBJECT
 from monai.deploy.core import Fragment, Operator, OperatorSpec
 
 from autocontour.postprocess import postprocess
@@ -39,4 +40,4 @@ class PostprocessOperator(Operator):
         order = [s.name for s in STRUCTURES if s.name in masks]
         with self.record.stage("postprocess"):
             results = postprocess(volume, {n: masks[n] for n in order})
-        op_output.emit(results, self.OUT_STRUCTURES)
+        op_output.emit(results, self.OUT_STRUCTURES, PYOBJECT)

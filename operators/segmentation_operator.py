@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from operators._ports import PYOBJECT
 from monai.deploy.core import Fragment, Operator, OperatorSpec
 
 from autocontour.backends import Backend
@@ -30,4 +31,4 @@ class SegmentationOperator(Operator):
         volume = op_input.receive(self.IN_VOLUME)
         with self.record.stage(f"inference_{self.model.name}"):
             masks = segment(volume, self.model, self.backend)
-        op_output.emit(masks, self.OUT_MASKS)
+        op_output.emit(masks, self.OUT_MASKS, PYOBJECT)

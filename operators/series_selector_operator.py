@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
+from operators._ports import PYOBJECT
 from monai.deploy.core import Fragment, Operator, OperatorSpec
 
 from autocontour.run_record import RunRecord
@@ -46,4 +47,4 @@ class SeriesSelectorOperator(Operator):
             "skipped_files": len(skipped),
             "ranking": list(self.rules.ranking),
         }
-        op_output.emit(chosen, self.OUT_SERIES)
+        op_output.emit(chosen, self.OUT_SERIES, PYOBJECT)

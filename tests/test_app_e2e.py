@@ -1,0 +1,131 @@
+"""The whole app, as a process, on the real 512x512 planning CT and on the bundled sample."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pydicom
+import pytest
+
+from autocontour.dicom_seg import read_seg_masks
+from autocontour.rtstruct import rasterise_rtstruct
+from autocontour.series_selection import SelectionRules, scan_folder, select_series
+from autocontour.ct_volume import build_volume
+
+ROOT = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.slow
+
+
+def run_app(input_dir: Path, output_dir: Path, *extra: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    """``python app.py -i INPUT -o OUTPUT`` as a user runs it (the stack limit Holoscan asks for)."""
+    cmd = f"ulimit -s 32768 2>/dev/null; exec {sys.executable} {ROOT / 'app.py'} -i {input_dir} -o {output_dir} " + " ".join(extra)
+    return subprocess.run(["bash", "-c", cmd], capture_output=True, text=True, timeout=600,
+                          env={**os.environ, **(env or {})}, cwd=ROOT)
+
+
+def needs_models():
+    if not list((ROOT / "models").glob("*/model.yaml")):
+        pytest.skip("no trained model in models/ yet")
+
+
+@pytest.fixture(scope="module")
+def chus_run(tmp_path_factory):
+    needs_models()
+    ct = ROOT.parent / "shared" / "data" / "hn-chus-052" / "CT"
+    if not ct.is_dir():
+        pytest.skip(f"{ct} not present")
+    out = tmp_path_factory.mktemp("chus-out")
+    proc = run_app(ct, out)
+    cands, _ = scan_folder(ct)
+    volume = build_volume(select_series(cands, SelectionRules()))
+    return proc, out, volume
+
+
+def outputs(out: Path) -> tuple[Path, Path, dict]:
+    seg = list(out.glob("*_SEG.dcm"))
+    rts = list(out.glob("*_RTSTRUCT.dcm"))
+    assert len(seg) == 1 and len(rts) == 1, sorted(p.name for p in out.iterdir())
+    return seg[0], rts[0], json.loads((out / "report.json").read_text())
+
+
+def test_real_ct_writes_seg_rtstruct_and_report(chus_run):
+    proc, out, volume = chus_run
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    seg, rts, report = outputs(out)
+    assert sorted(p.name for p in out.iterdir()) == sorted([seg.name, rts.name, "report.json"])  # no staging left
+    assert report["input"]["chosen"] == volume.series_instance_uid
+    assert {m["name"] for m in report["models"]} == {"hn_oar", "hn_target"}
+    assert all(m["backend"] == "cpu" for m in report["models"])
+    assert set(report["seconds"]) >= {"load_and_select", "convert", "inference_hn_oar", "inference_hn_target",
+                                      "postprocess", "write_seg", "write_rtstruct"}
+
+
+def test_outputs_reference_the_input_series_and_frame_of_reference(chus_run):
+    _, out, volume = chus_run
+    seg_path, rts_path, _ = outputs(out)
+    seg, rts = pydicom.dcmread(seg_path), pydicom.dcmread(rts_path)
+    for ds in (seg, rts):
+        assert ds.StudyInstanceUID == volume.study_instance_uid
+        assert ds.PatientID == volume.datasets[0].PatientID
+    assert seg.FrameOfReferenceUID == volume.frame_of_reference_uid
+    assert seg.ReferencedSeriesSequence[0].SeriesInstanceUID == volume.series_instance_uid
+    ref = rts.ReferencedFrameOfReferenceSequence[0]
+    assert ref.FrameOfReferenceUID == volume.frame_of_reference_uid
+    series = ref.RTReferencedStudySequence[0].RTReferencedSeriesSequence[0]
+    assert series.SeriesInstanceUID == volume.series_instance_uid
+    assert len(series.ContourImageSequence) == len(volume.sop_instance_uids)
+    assert rts.ApprovalStatus == "UNAPPROVED"
+
+
+def test_rtstruct_agrees_with_seg_and_lies_inside_the_ct(chus_run):
+    _, out, volume = chus_run
+    seg_path, rts_path, report = outputs(out)
+    seg_masks = read_seg_masks(pydicom.dcmread(seg_path), volume)
+    rts_masks = rasterise_rtstruct(pydicom.dcmread(rts_path), volume)
+    assert set(seg_masks) == set(rts_masks)
+    voxel_cc = volume.voxel_volume_cc
+    found = 0
+    for name, seg_mask in seg_masks.items():
+        if seg_mask.sum() * voxel_cc < 1.0:
+            continue
+        found += 1
+        rt = rts_masks[name]
+        dice = 2 * (seg_mask & rt).sum() / (seg_mask.sum() + rt.sum())
+        assert dice >= 0.97, f"{name}: RTSTRUCT vs SEG Dice {dice:.3f}"
+        # inside the CT's physical extent: every voxel index is within the grid by construction,
+        # so check the contour points themselves
+    lo = volume.index_to_lps(np.array([[0, 0, 0]]))[0]
+    hi = volume.index_to_lps(np.array(volume.array.shape)[None] - 1)[0]
+    lo, hi = np.minimum(lo, hi) - 1e-3, np.maximum(lo, hi) + 1e-3
+    rts = pydicom.dcmread(rts_path)
+    for roi in rts.ROIContourSequence:
+        for c in getattr(roi, "ContourSequence", []):
+            pts = np.array(c.ContourData, float).reshape(-1, 3)
+            assert (pts >= lo - volume.spacing.max()).all() and (pts <= hi + volume.spacing.max()).all()
+    assert found >= 5, f"only {found} structures of >= 1 cc on a head-and-neck CT"
+    by_name = {s["name"]: s for s in report["structures"]}
+    for name in ("Parotid_L", "Parotid_R"):
+        assert not any("laterality" in f for f in by_name[name]["flags"]), by_name[name]
+
+
+def test_bundled_sample_runs_like_make_run(tmp_path):
+    needs_models()
+    proc = run_app(ROOT / "sample" / "ct", tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    seg, rts, report = outputs(tmp_path)
+    assert report["structures"] and seg.stat().st_size > 0 and rts.stat().st_size > 0
+
+
+def test_environment_variables_replace_the_flags(tmp_path):
+    needs_models()
+    cmd = f"ulimit -s 32768 2>/dev/null; exec {sys.executable} {ROOT / 'app.py'}"
+    env = {**os.environ, "HOLOSCAN_INPUT_PATH": str(ROOT / "sample" / "ct"), "HOLOSCAN_OUTPUT_PATH": str(tmp_path),
+           "HOLOSCAN_MODEL_PATH": str(ROOT / "models"), "HOLOSCAN_WORKDIR": str(tmp_path / "work")}
+    proc = subprocess.run(["bash", "-c", cmd], capture_output=True, text=True, timeout=600, env=env, cwd="/")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    outputs(tmp_path)
