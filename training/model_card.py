@@ -1,0 +1,93 @@
+"""Render ``models/<name>/README.md`` (the model card) from its model.yaml.
+
+    python -m training.model_card hn_oar hn_target
+
+Every figure in the card comes from model.yaml (written by ``training/export.py`` and
+``training/evaluate.py --write``), so the card and the facts never disagree.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import yaml
+
+ROOT = Path(__file__).resolve().parent.parent
+
+FLOORS = {"hn_oar": "mean Dice >= 0.80 over the seven organs, none below 0.60", "hn_target": "PTV_High Dice >= 0.70"}
+
+
+def render(meta: dict) -> str:
+    v = meta.get("validation") or {}
+    t = meta["training"]
+    lines = [
+        f"# Model card: {meta['name']} {meta['version']}",
+        "",
+        meta.get("description", ""),
+        "",
+        "## What it does",
+        f"- Output ({meta['output']['kind']}): " + ", ".join(
+            f"`{k}` (from OpenKBP {', '.join(r)})" for k, r in meta["output"]["source_rois"].items()
+        ),
+        f"- Input: CT in HU, {meta['input']['orientation']}, resampled to "
+        f"{' x '.join(str(s) for s in meta['input']['spacing_zyx_mm'])} mm (z, y, x), window "
+        f"{meta['input']['window_hu']} HU, {meta['input']['normalisation']}; sliding window "
+        f"{' x '.join(str(p) for p in meta['input']['patch_zyx'])} voxels with Gaussian blending.",
+        f"- Network: {meta['network']['architecture']}, channels {meta['network']['channels']}, "
+        f"{meta['network']['parameters'] / 1e6:.1f} M parameters.",
+        f"- Files: `{meta['files']['onnx']['path']}` (ONNX opset {meta['files']['onnx']['opset']}, what the app runs; "
+        f"sha256 `{meta['files']['onnx']['sha256']}`), `{meta['files']['torchscript']['path']}` (TorchScript, for the "
+        "SDK's stock operators).",
+        "",
+        "## Training",
+        f"- Data: {t['data']}.",
+        f"- Checkpoint: iteration {t['iteration']} (best mean Dice {t['holdout_mean_dice']} on the 10 held-out train "
+        "patients); the curve is `training.holdout_history` in model.yaml.",
+        "- Command and seed: see [training/README.md](../../training/README.md).",
+        "",
+        "## Validation (OpenKBP validation, 33 patients never used in training)",
+    ]
+    if v:
+        lines += [
+            f"Measured with `{v.get('command', 'python -m training.evaluate --write')}` on the exported ONNX model "
+            "through the app's own inference path, on each patient's own grid; a structure is scored only for "
+            "patients where it was contoured.",
+            "",
+            "| structure | mean Dice | patients |",
+            "|---|---|---|",
+        ]
+        for k, d in v["dice_mean_per_structure"].items():
+            lines.append(f"| {k} | {d:.3f} | {v['cases_per_structure'][k]} |")
+        lines += [
+            "",
+            f"Mean over structures: **{v['dice_mean_over_structures']:.3f}**. "
+            f"Target set by the project: {FLOORS.get(meta['name'], '-')}.",
+            "",
+            f"CPU time per patient (OpenKBP 128^3 grid, ONNX Runtime, 2 cores): {v.get('seconds_per_model_per_patient')} s.",
+        ]
+    else:
+        lines.append("Not measured yet.")
+    lines += [
+        "",
+        "## Limits",
+        "- Trained on 170 patients of one public challenge set with its contouring conventions, on a CPU with a "
+        "small network and a short schedule; accuracy on other institutions' CTs is unknown until measured there.",
+        "- Every output is an automatic proposal to be reviewed and edited by a clinician.",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("names", nargs="+")
+    args = ap.parse_args()
+    for name in args.names:
+        folder = ROOT / "models" / name
+        meta = yaml.safe_load((folder / "model.yaml").read_text())
+        (folder / "README.md").write_text(render(meta))
+
+
+if __name__ == "__main__":
+    main()
