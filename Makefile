@@ -9,6 +9,11 @@ STAMP := $(VENV)/.installed
 INPUT ?= sample/ct
 OUTPUT ?= output
 export PIP_DISABLE_PIP_VERSION_CHECK=1
+MAP_DIR ?= build/map
+MAP_OUTPUT ?= build/map-output
+MAP_TIMEOUT ?= 1800
+MAP_IMAGE ?= localhost/hn-autocontour:$(shell sed -n 's/^__version__ = "\(.*\)"/\1/p' autocontour/__init__.py)-cpu
+MAP_RENDER_ARGS ?=
 
 .PHONY: run test venv train-venv train export evaluate bench package map-image map-run clean
 
@@ -46,6 +51,24 @@ export: train-venv
 ## Dice of the exported ONNX models on the 33 OpenKBP validation patients
 evaluate: $(STAMP)
 	$(VPY) -m training.evaluate --write
+
+## our app vs the SDK's stock operators on the benchmark CT (docs/benchmark.md); e.g. BENCH_ARGS="--runs 5"
+bench: $(STAMP)
+	ulimit -s 32768; $(VPY) bench/run_benchmark.py $(BENCH_ARGS)
+
+## MAP (MONAI Application Package); see docs/packaging.md.
+## render the MAP build context (Dockerfiles, app.json/pkg.json, app, models, pins) into $(MAP_DIR), offline
+package:
+	test -x $(VPY) || $(MAKE) venv
+	$(VPY) packaging/render_map.py --out $(MAP_DIR) --timeout $(MAP_TIMEOUT) $(MAP_RENDER_ARGS)
+
+## build the CPU MAP image $(MAP_IMAGE) with podman (installs podman/debootstrap if missing)
+map-image: package
+	MAP_CONTEXT=$(MAP_DIR) MAP_IMAGE=$(MAP_IMAGE) bash packaging/podman.sh build
+
+## run the CPU MAP image on $(INPUT), results in $(MAP_OUTPUT)
+map-run:
+	MAP_CONTEXT=$(MAP_DIR) MAP_IMAGE=$(MAP_IMAGE) MAP_INPUT=$(INPUT) MAP_OUTPUT=$(MAP_OUTPUT) bash packaging/podman.sh run
 
 clean:
 	rm -rf $(OUTPUT) build map-context

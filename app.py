@@ -21,12 +21,17 @@ import sys
 import time
 from pathlib import Path
 
-from autocontour import APP_NAME, __version__
-from autocontour.errors import AutoContourError, InputError
-from autocontour.model_config import ModelConfig, load_models
-from autocontour.output import discard, prepare_staging
-from autocontour.run_record import RunRecord
-from autocontour.series_selection import DEFAULT_RULES_PATH, SelectionRules
+# No network, nothing written outside OUTPUT and the work directory: ONNX Runtime (>= 1.2x on
+# Linux) otherwise writes a device id under ~/.cache and a session file under TMPDIR and looks
+# up its telemetry host at run time.  Set before ONNX Runtime creates its environment.
+os.environ.setdefault("ORT_DISABLE_TELEMETRY", "1")
+
+from autocontour import APP_NAME, __version__  # noqa: E402
+from autocontour.errors import AutoContourError, InputError  # noqa: E402
+from autocontour.model_config import ModelConfig, load_models  # noqa: E402
+from autocontour.output import discard, prepare_staging  # noqa: E402
+from autocontour.run_record import RunRecord  # noqa: E402
+from autocontour.series_selection import DEFAULT_RULES_PATH, SelectionRules  # noqa: E402
 
 logger = logging.getLogger(APP_NAME)
 
@@ -119,6 +124,8 @@ def run(argv: list[str] | None = None) -> int:
         record = RunRecord(args.input, args.output, staging)
         record.started = t0
         workdir = args.workdir or staging
+        # CuPy (imported by MONAI) creates its kernel cache folder on import: keep it in the work dir
+        os.environ.setdefault("CUPY_CACHE_DIR", str(Path(workdir).resolve() / "cupy-kernel-cache"))
         with record.stage("startup_models"):
             loaded = load_backends(models, args.backend, workdir)
         record.info["models"] = [

@@ -31,23 +31,48 @@ ORIENTATION_TOLERANCE = 1e-4
 MAX_VOXELS = 1200 * 512 * 512
 
 
-def _decode(ds, path: str) -> np.ndarray:
+def _rescale(ds, keyword: str, default: float, path: str) -> float:
+    value = ds.get(keyword)
+    try:
+        value = default if value is None or value == "" else float(value)
+    except (TypeError, ValueError):
+        value = float("nan")
+    if not np.isfinite(value) or (keyword == "RescaleSlope" and value == 0):
+        raise InputError(f"{path}: {keyword} {ds.get(keyword)!r} is not a usable number - re-export the series")
+    return value
+
+
+def _decode(ds, path: str, shape: tuple[int, int]) -> np.ndarray:
+    if "PixelData" not in ds:
+        raise InputError(f"{path} has no pixel data (truncated or header-only file) - send the complete series")
     try:
         pixels = ds.pixel_array
     except Exception as exc:  # pydicom raises many types for missing/unsupported decoders
         ts = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
         name = getattr(ts, "name", str(ts))
+        why = " ".join(str(exc).split())[:200]  # one line
         raise InputError(
-            f"cannot decode pixel data of {path} (transfer syntax {name}: {exc}) - "
+            f"cannot decode pixel data of {path} (transfer syntax {name}: {why}) - "
             "send it uncompressed or in JPEG 2000 / JPEG-LS / JPEG lossless / RLE / deflate"
         ) from exc
-    slope = float(getattr(ds, "RescaleSlope", 1.0) or 1.0)
-    intercept = float(getattr(ds, "RescaleIntercept", 0.0) or 0.0)
+    if pixels.shape != shape:
+        raise InputError(
+            f"pixel data of {path} has shape {pixels.shape}, not one {shape[0]}x{shape[1]} greyscale frame - "
+            "send a single-frame greyscale CT series"
+        )
+    slope = _rescale(ds, "RescaleSlope", 1.0, path)
+    intercept = _rescale(ds, "RescaleIntercept", 0.0, path)
     out = pixels.astype(np.float32)
-    if slope != 1.0:
-        out *= slope
-    if intercept != 0.0:
-        out += intercept
+    with np.errstate(over="ignore", invalid="ignore"):
+        if slope != 1.0:
+            out *= slope
+        if intercept != 0.0:
+            out += intercept
+    if (slope != 1.0 or intercept != 0.0) and not np.isfinite(out).all():
+        raise InputError(
+            f"{path}: RescaleSlope {slope:g} / RescaleIntercept {intercept:g} give values beyond float range - "
+            "re-export the series"
+        )
     return out
 
 
@@ -81,10 +106,18 @@ def build_volume(series: SeriesCandidate, threads: int = 4) -> Volume:
     except (AttributeError, TypeError, ValueError) as exc:
         raise GeometryError(
             f"series {uid}: a slice lacks ImageOrientationPatient/ImagePositionPatient/PixelSpacing/Rows/Columns "
-            f"({exc}) - the series cannot be placed in the patient; re-export it from the scanner or TPS"
+            f"({' '.join(str(exc).split())}) - the series cannot be placed in the patient; re-export it from the "
+            "scanner or TPS"
         ) from exc
-    if iops.shape[1] != 6 or ipps.shape[1] != 3 or spacings.shape[1] != 2:
-        raise GeometryError(f"series {uid}: malformed ImageOrientationPatient/ImagePositionPatient/PixelSpacing")
+    if iops.ndim != 2 or iops.shape[1] != 6 or ipps.shape[1] != 3 or spacings.shape[1] != 2:
+        raise GeometryError(
+            f"series {uid}: malformed ImageOrientationPatient/ImagePositionPatient/PixelSpacing - re-export the series"
+        )
+    if not (np.isfinite(iops).all() and np.isfinite(ipps).all() and np.isfinite(spacings).all()):
+        raise GeometryError(
+            f"series {uid}: non-finite ImageOrientationPatient/ImagePositionPatient/PixelSpacing values - "
+            "re-export the series"
+        )
     if np.abs(iops - iops[0]).max() > ORIENTATION_TOLERANCE:
         raise GeometryError(f"series {uid}: slices have different orientations - send a single axial reconstruction")
     if len(grids) != 1 or np.abs(spacings - spacings[0]).max() > 1e-4:
@@ -92,9 +125,15 @@ def build_volume(series: SeriesCandidate, threads: int = 4) -> Volume:
     row_cos, col_cos = iops[0, :3], iops[0, 3:]
     if not (np.isclose(np.linalg.norm(row_cos), 1, atol=1e-3) and np.isclose(np.linalg.norm(col_cos), 1, atol=1e-3)
             and abs(row_cos @ col_cos) < 1e-3):
-        raise GeometryError(f"series {uid}: ImageOrientationPatient {iops[0].tolist()} is not two orthonormal vectors")
+        raise GeometryError(
+            f"series {uid}: ImageOrientationPatient {iops[0].tolist()} is not two orthonormal vectors - "
+            "re-export the series"
+        )
     if min(spacings[0]) <= 0:
-        raise GeometryError(f"series {uid}: PixelSpacing {spacings[0].tolist()} must be positive")
+        raise GeometryError(f"series {uid}: PixelSpacing {spacings[0].tolist()} must be positive - re-export the series")
+    rows, cols = next(iter(grids))
+    if rows < 1 or cols < 1:
+        raise GeometryError(f"series {uid}: images of {rows}x{cols} pixels - re-export the series")
     normal = np.cross(row_cos, col_cos)
     dist = ipps @ normal
     order = np.argsort(dist, kind="stable")
@@ -125,7 +164,16 @@ def build_volume(series: SeriesCandidate, threads: int = 4) -> Volume:
             f"series {uid}: slice spacing is not uniform ({steps[j]:.3f} mm between positions {dist[j]:.2f} and "
             f"{dist[j + 1]:.2f} mm, median {step:.3f} mm): missing or extra slice - send the complete series"
         )
-    rows, cols = next(iter(grids))
+    # The affine's step is the mean one (first to last slice), and every slice must lie on that
+    # grid: small per-step deviations must not add up to a misplaced slice.
+    step = float(dist[-1] - dist[0]) / (len(dist) - 1)
+    off_grid = np.abs(dist - (dist[0] + step * np.arange(len(dist))))
+    if off_grid.max() > SPACING_RELATIVE_TOLERANCE * step + 1e-3:
+        k = int(off_grid.argmax())
+        raise GeometryError(
+            f"series {uid}: slice {paths[order[k]]} lies {off_grid[k]:.3f} mm off a regular "
+            f"{step:.3f} mm grid (slice spacing drifts) - send a reconstruction with uniform spacing"
+        )
     if rows * cols * len(datasets) > MAX_VOXELS:
         raise InputError(
             f"series {uid}: {len(datasets)} slices of {rows}x{cols} exceed the memory budget "
@@ -136,7 +184,7 @@ def build_volume(series: SeriesCandidate, threads: int = 4) -> Volume:
     array = np.empty((len(sorted_ds), rows, cols), np.float32)
 
     def _fill(k: int) -> None:
-        array[k] = _decode(sorted_ds[k], sorted_paths[k])
+        array[k] = _decode(sorted_ds[k], sorted_paths[k], (rows, cols))
 
     with ThreadPoolExecutor(max_workers=max(1, threads)) as pool:
         list(pool.map(_fill, range(len(sorted_ds))))

@@ -73,7 +73,7 @@ class SeriesCandidate:
         ds = self.first
         return (
             f"{self.series_instance_uid} ({getattr(ds, 'Modality', '?')}, {len(self.datasets)} files, "
-            f"'{getattr(ds, 'SeriesDescription', '')}', ImageType {'/'.join(getattr(ds, 'ImageType', []) or [])})"
+            f"'{getattr(ds, 'SeriesDescription', '')}', ImageType {'/'.join(_image_type(ds))})"
         )
 
 
@@ -101,19 +101,24 @@ def scan_folder(folder: Path) -> tuple[list[SeriesCandidate], list[tuple[str, st
     skipped: list[tuple[str, str]] = []
     for path in files:
         try:
-            ds = pydicom.dcmread(path, defer_size="1 KB")
-            uid = str(ds.SeriesInstanceUID)
-            if not uid or not str(getattr(ds, "SOPInstanceUID", "")):
+            ds = _read_header(path)
+            uid = str(ds.get("SeriesInstanceUID") or "")
+            if not uid or not str(ds.get("SOPInstanceUID") or ""):
                 skipped.append((str(path), "empty SeriesInstanceUID or SOPInstanceUID (damaged anonymisation)"))
                 continue
-        except (InvalidDicomError, AttributeError, OSError, EOFError, ValueError, KeyError) as exc:
+        except InvalidDicomError as exc:
             skipped.append((str(path), f"not readable as DICOM ({type(exc).__name__})"))
+            continue
+        except Exception as exc:  # noqa: BLE001 - pydicom raises struct.error, TypeError, ... on damaged files
+            skipped.append((str(path), f"damaged DICOM header ({type(exc).__name__}: {exc})".replace("\n", " ")))
             continue
         cand = by_series.setdefault(uid, SeriesCandidate(uid))
         cand.datasets.append(ds)
         cand.paths.append(str(path))
     if skipped:
-        logger.warning("skipped %d file(s) that are not readable DICOM, e.g. %s: %s", len(skipped), *skipped[0])
+        named = "; ".join(f"{path}: {why}" for path, why in skipped[:5])
+        more = f"; and {len(skipped) - 5} more" if len(skipped) > 5 else ""
+        logger.warning("skipped %d file(s) that are not readable DICOM: %s%s", len(skipped), named, more)
     if not by_series:
         why = skipped[0][1] if skipped else "no files"
         raise InputError(
@@ -123,8 +128,26 @@ def scan_folder(folder: Path) -> tuple[list[SeriesCandidate], list[tuple[str, st
     return sorted(by_series.values(), key=lambda c: c.series_instance_uid), skipped
 
 
+# Header elements the loader reads: converted while scanning, so that a damaged value makes
+# that one file "not readable" (skipped with a warning) instead of failing later.
+_HEADER_KEYWORDS = (
+    "SeriesInstanceUID", "SOPInstanceUID", "SOPClassUID", "Modality", "ImageType", "ImageOrientationPatient",
+    "ImagePositionPatient", "PixelSpacing", "Rows", "Columns", "RescaleSlope", "RescaleIntercept",
+    "SliceThickness", "SeriesDate", "SeriesTime", "SeriesDescription", "StudyInstanceUID", "FrameOfReferenceUID",
+)
+
+
+def _read_header(path: Path):
+    ds = pydicom.dcmread(path, defer_size="1 KB")
+    for kw in _HEADER_KEYWORDS:
+        if kw in ds:
+            ds[kw].value  # noqa: B018 - converts the raw value; raises if it is damaged
+    return ds
+
+
 def _image_type(ds) -> list[str]:
-    return [str(v).upper() for v in (getattr(ds, "ImageType", None) or [])]
+    value = getattr(ds, "ImageType", None) or []
+    return [str(v).upper() for v in ([value] if isinstance(value, str) else value)]
 
 
 def _rejection(cand: SeriesCandidate, rules: SelectionRules) -> str:
@@ -145,17 +168,21 @@ def _rejection(cand: SeriesCandidate, rules: SelectionRules) -> str:
         )
         cand.datasets = [cand.datasets[i] for i in kept]
         cand.paths = [cand.paths[i] for i in kept]
+        ds = cand.first  # the orientation test below is about the images kept, not a scout
     with_pixels = [d for d in cand.datasets if "PixelData" in d]
     if not with_pixels:
         return "no pixel data in any file"
     if len(cand.datasets) < rules.min_slices:
         return f"{len(cand.datasets)} slices, fewer than the {rules.min_slices} needed for a volume"
     if rules.require_axial:
-        iop = getattr(ds, "ImageOrientationPatient", None)
-        if iop is None or len(iop) != 6:
-            return "no ImageOrientationPatient"
-        normal = np.cross(np.array(iop[:3], float), np.array(iop[3:], float))
-        if abs(abs(normal[2]) - 1.0) > rules.axial_tolerance:
+        try:
+            iop = np.array([float(v) for v in ds.ImageOrientationPatient])
+        except (AttributeError, TypeError, ValueError):
+            iop = np.array([])
+        if iop.shape != (6,) or not np.isfinite(iop).all():
+            return "no valid ImageOrientationPatient"
+        normal = np.cross(iop[:3], iop[3:])
+        if not abs(abs(normal[2]) - 1.0) <= rules.axial_tolerance:
             return f"not axial (slice normal {np.round(normal, 3).tolist()})"
     return ""
 

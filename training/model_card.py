@@ -71,7 +71,7 @@ def render(meta: dict) -> str:
     lines += [
         "",
         "## Limits",
-        "- Trained on 170 patients of one public challenge set with its contouring conventions, on a CPU with a "
+        "- Trained on 160 patients of one public challenge set with its contouring conventions, on a CPU with a "
         "small network and a short schedule; accuracy on other institutions' CTs is unknown until measured there.",
         "- Every output is an automatic proposal to be reviewed and edited by a clinician.",
         "",
