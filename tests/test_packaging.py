@@ -30,7 +30,9 @@ import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 SAMPLE = ROOT / "sample" / "ct"
-HAVE_MODELS = any((ROOT / "models").glob("*/model.yaml"))
+# the models to package: the repo's, or (for checks before they exist) AUTOCONTOUR_PACKAGING_MODELS
+MODELS = Path(os.environ.get("AUTOCONTOUR_PACKAGING_MODELS", ROOT / "models"))
+HAVE_MODELS = any(MODELS.glob("*/model.yaml"))
 NO_MODELS = "models/*/model.yaml absent: the models are not exported yet (make export)"
 SEMVER = re.compile(r"^\d+\.\d+\.\d+([-+][0-9A-Za-z.-]+)?$")
 MEM = re.compile(r"^\d+(\.\d+)?(Mi|Gi)$")
@@ -73,7 +75,7 @@ def _version() -> str:
 @pytest.fixture(scope="module")
 def ctx(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("map") / "ctx"
-    rm.render(out, ROOT, require_models=False)
+    rm.render(out, ROOT, models_dir=MODELS, require_models=False)
     return out
 
 
@@ -217,12 +219,12 @@ def test_package_manifests_follow_the_map_spec(pkg_cpu, pkg_gpu):
 def test_models_in_the_context_match_their_checksums(ctx, pkg_cpu):
     if not HAVE_MODELS:
         pytest.skip(NO_MODELS)
-    names = sorted(p.parent.name for p in (ROOT / "models").glob("*/model.yaml"))
+    names = sorted(p.parent.name for p in MODELS.glob("*/model.yaml"))
     assert [m["name"] for m in pkg_cpu["models"]] == names
     for m in pkg_cpu["models"]:
         meta = yaml.safe_load((ctx / "models" / m["name"] / "model.yaml").read_text())
         assert (ctx / "models" / m["name"] / "model.yaml").read_bytes() == \
-            (ROOT / "models" / m["name"] / "model.yaml").read_bytes()
+            (MODELS / m["name"] / "model.yaml").read_bytes()
         listed = {spec["path"]: spec["sha256"] for spec in meta["files"].values()}
         assert {f["path"]: f["sha256"] for f in m["files"]} == listed
         assert m["onnx"] == meta["files"]["onnx"]["path"] and m["version"] == str(meta["version"])
@@ -362,7 +364,7 @@ def test_rendered_app_runs_on_the_sample_ct(tmp_path):
     if not HAVE_MODELS:
         pytest.skip(NO_MODELS)
     ctx = tmp_path / "ctx"
-    rm.render(ctx, ROOT)
+    rm.render(ctx, ROOT, models_dir=MODELS)
     work, out = tmp_path / "work", tmp_path / "out"
     work.mkdir()
     env = {k: v for k, v in os.environ.items() if not k.startswith("HOLOSCAN_")} | {
@@ -377,7 +379,7 @@ def test_rendered_app_runs_on_the_sample_ct(tmp_path):
                           timeout=900, preexec_fn=_stack_32mib)
     assert proc.returncode == 0, proc.stderr[-4000:]
     report = _check_outputs(out)
-    names = sorted(p.parent.name for p in (ROOT / "models").glob("*/model.yaml"))
+    names = sorted(p.parent.name for p in MODELS.glob("*/model.yaml"))
     assert sorted(m["name"] for m in report["models"]) == names
 
 
@@ -388,7 +390,7 @@ def test_container_image_builds_and_runs_on_the_sample_ct(tmp_path):
     if not HAVE_MODELS:
         pytest.skip(NO_MODELS)
     ctx, out = tmp_path / "ctx", tmp_path / "out"
-    rm.render(ctx, ROOT)
+    rm.render(ctx, ROOT, models_dir=MODELS)
     cached = ROOT / "build" / "map" / "wheels"  # reuse wheels `make map-image` already downloaded
     if cached.is_dir():
         for whl in cached.glob("*.whl"):
