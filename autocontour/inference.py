@@ -13,8 +13,6 @@ from __future__ import annotations
 
 import itertools
 import logging
-from dataclasses import dataclass
-
 import numpy as np
 from scipy import ndimage
 
@@ -24,7 +22,7 @@ from autocontour.volume import Volume, to_canonical
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["segment", "resample_linear", "sliding_window", "body_box", "ModelGrid"]
+__all__ = ["segment", "resample_linear", "sliding_window", "body_box", "to_model_grid"]
 
 BODY_HU = -400.0  # air/body threshold for the crop
 BODY_MARGIN_MM = 16.0
@@ -61,15 +59,6 @@ def resample_linear(arr: np.ndarray, positions: tuple[np.ndarray, np.ndarray, np
     for a in order:
         out = _interp_axis(out, off + a, positions[a])
     return out
-
-
-@dataclass(frozen=True)
-class ModelGrid:
-    """The model-grid crop: canonical fractional index = (m + start) * step."""
-
-    start: tuple[int, int, int]
-    shape: tuple[int, int, int]
-    step: tuple[float, float, float]  # model spacing / patient spacing, per canonical axis
 
 
 def body_box(image: np.ndarray, spacing_zyx: tuple[float, ...]) -> tuple[slice, slice, slice]:
@@ -135,19 +124,38 @@ def _to_probabilities(logits: np.ndarray, kind: str) -> np.ndarray:
     return 1.0 / (1.0 + np.exp(-logits))
 
 
+def to_model_grid(canon: np.ndarray, step: np.ndarray) -> np.ndarray:
+    """Canonical HU array -> model grid (model voxel m sits at source index m * step).
+
+    One axis at a time, the most-shrinking first, so each Gaussian anti-aliasing filter
+    (sigma = (step - 1) / 2, as skimage's rescale) runs on an already reduced array.
+    """
+    out = np.asarray(canon, np.float32)
+    for a in sorted(range(3), key=lambda a: -step[a]):
+        st = float(step[a])
+        if st > 1.2:
+            out = ndimage.gaussian_filter1d(out, sigma=(st - 1) / 2, axis=a, mode="nearest", truncate=3.0)
+        n = int(np.floor((canon.shape[a] - 1) / st)) + 1
+        if n != out.shape[a] or st != 1.0:
+            out = _interp_axis(out, a, np.arange(n) * st)
+    return out
+
+
+def _model_grid_image(volume: Volume, canon: np.ndarray, step: np.ndarray) -> np.ndarray:
+    """``to_model_grid`` once per volume and spacing: models sharing a spacing share the work."""
+    key = ("model_grid", tuple(np.round(step, 6)))
+    cache = volume.cache
+    if key not in cache:
+        cache[key] = to_model_grid(canon, step)
+    return cache[key]
+
+
 def segment(volume: Volume, model: ModelConfig, backend: Backend) -> dict[str, np.ndarray]:
     """Masks (bool, the volume's (k, j, i) order) for each label of ``model``."""
     view = to_canonical(volume)
     canon = view.forward(volume.array)
-    src = np.array(view.spacing_zyx)
-    step = np.array(model.spacing_zyx) / src  # source voxels per model voxel
-    full_shape = tuple(int(np.floor((n - 1) / st)) + 1 for n, st in zip(canon.shape, step))
-    # symmetric Gaussian anti-aliasing on axes that shrink (sigma as skimage's rescale)
-    img = canon
-    for a, st in enumerate(step):
-        if st > 1.2:
-            img = ndimage.gaussian_filter1d(img, sigma=(st - 1) / 2, axis=a, mode="nearest", truncate=3.0)
-    small = resample_linear(np.asarray(img, np.float32), tuple(np.arange(n) * st for n, st in zip(full_shape, step)))
+    step = np.array(model.spacing_zyx) / np.array(view.spacing_zyx)  # source voxels per model voxel
+    small = _model_grid_image(volume, canon, step)
     box = body_box(small, model.spacing_zyx)
     crop = small[box]
     lo, hi = model.window_hu
@@ -169,14 +177,18 @@ def segment(volume: Volume, model: ModelConfig, backend: Backend) -> dict[str, n
     phi = np.minimum(np.floor(mhi * step).astype(int) + 1, canon.shape)
     positions = tuple(np.arange(a, b) / st - bx.start for a, b, st, bx in zip(plo, phi, step, box))
     region = resample_linear(probs, positions)
-    canon_masks = np.zeros((len(model.labels), *canon.shape), bool)
     sl = tuple(slice(a, b) for a, b in zip(plo, phi))
     if model.kind == "softmax":
-        lab = region.argmax(0)
-        for c in range(len(model.labels)):
-            canon_masks[(c, *sl)] = lab == c + 1
+        # running maximum over channels: cheaper than argmax over the (strided) channel axis
+        best, lab = region[0], np.zeros(region.shape[1:], np.uint8)
+        for c in range(1, region.shape[0]):
+            better = region[c] > best
+            lab[better] = c
+            best = np.maximum(best, region[c])
+        fg_of = [lab == c + 1 for c in range(len(model.labels))]
     else:
-        canon_masks[(slice(None), *sl)] = region > 0.5
+        fg_of = [region[c] > 0.5 for c in range(len(model.labels))]
     for c, name in enumerate(model.labels):
-        masks[name] = np.ascontiguousarray(view.inverse(canon_masks[c]))
+        # view.forward(mask) is a view: writing the canonical region fills the (k, j, i) mask
+        view.forward(masks[name])[sl] = fg_of[c]
     return masks
