@@ -33,8 +33,10 @@ from pathlib import Path
 import numpy as np
 import pydicom
 from pydicom.charset import convert_encodings
+from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.sequence import Sequence as DicomSequence
+from pydicom.tag import Tag
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 from pydicom.valuerep import format_number_as_ds
 from skimage.draw import polygon as fill_polygon
@@ -423,9 +425,25 @@ def _contour_items(
             item.ContourGeometricType = "CLOSED_PLANAR"
             item.NumberOfContourPoints = len(points)
             item.ContourNumber = len(items) + 1
-            item.ContourData = data
+            item[CONTOUR_DATA] = _raw_ds(data)
             items.append(item)
     return items
+
+
+CONTOUR_DATA = Tag(0x3006, 0x0050)
+
+
+def _raw_ds(values: Sequence[str]) -> RawDataElement:
+    """ContourData as its encoded bytes (explicit VR little endian).
+
+    The strings are already valid DS (``format_ds``); letting pydicom convert and validate
+    each of tens of thousands of values costs seconds per RTSTRUCT.  The element is decoded
+    like any element read from a file when it is accessed.
+    """
+    raw = "\\".join(values).encode("ascii")
+    if len(raw) % 2:
+        raw += b" "
+    return RawDataElement(CONTOUR_DATA, "DS", len(raw), raw, 0, False, True)
 
 
 def write_dataset(ds: Dataset, path: str | Path) -> Path:
