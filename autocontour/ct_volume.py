@@ -105,9 +105,9 @@ def build_volume(series: SeriesCandidate, threads: int = 4) -> Volume:
         grids = {(int(ds.Rows), int(ds.Columns)) for ds in datasets}
     except (AttributeError, TypeError, ValueError) as exc:
         raise GeometryError(
-            f"series {uid}: a slice lacks ImageOrientationPatient/ImagePositionPatient/PixelSpacing/Rows/Columns "
-            f"({' '.join(str(exc).split())}) - the series cannot be placed in the patient; re-export it from the "
-            "scanner or TPS"
+            f"series {uid}: a slice lacks a valid ImageOrientationPatient/ImagePositionPatient/PixelSpacing/Rows/"
+            f"Columns ({' '.join(str(exc).split())}) - the series cannot be placed in the patient; re-export it "
+            "from the scanner or TPS"
         ) from exc
     if iops.ndim != 2 or iops.shape[1] != 6 or ipps.shape[1] != 3 or spacings.shape[1] != 2:
         raise GeometryError(
@@ -130,7 +130,9 @@ def build_volume(series: SeriesCandidate, threads: int = 4) -> Volume:
             "re-export the series"
         )
     if min(spacings[0]) <= 0:
-        raise GeometryError(f"series {uid}: PixelSpacing {spacings[0].tolist()} must be positive - re-export the series")
+        raise GeometryError(
+            f"series {uid}: PixelSpacing {spacings[0].tolist()} must be positive - re-export the series"
+        )
     rows, cols = next(iter(grids))
     if rows < 1 or cols < 1:
         raise GeometryError(f"series {uid}: images of {rows}x{cols} pixels - re-export the series")

@@ -17,6 +17,7 @@ import numpy as np
 import pydicom
 import yaml
 from pydicom.errors import InvalidDicomError
+from pydicom.multival import MultiValue
 
 from autocontour.errors import InputError, SeriesSelectionError
 
@@ -102,8 +103,11 @@ def scan_folder(folder: Path) -> tuple[list[SeriesCandidate], list[tuple[str, st
     for path in files:
         try:
             ds = _read_header(path)
-            uid = str(ds.get("SeriesInstanceUID") or "")
-            if not uid or not str(ds.get("SOPInstanceUID") or ""):
+            if "SeriesInstanceUID" not in ds or "SOPInstanceUID" not in ds:
+                skipped.append((str(path), "no SeriesInstanceUID or SOPInstanceUID (truncated file, or not an image)"))
+                continue
+            uid = str(ds.SeriesInstanceUID or "")
+            if not uid or not str(ds.SOPInstanceUID or ""):
                 skipped.append((str(path), "empty SeriesInstanceUID or SOPInstanceUID (damaged anonymisation)"))
                 continue
         except InvalidDicomError as exc:
@@ -135,13 +139,22 @@ _HEADER_KEYWORDS = (
     "ImagePositionPatient", "PixelSpacing", "Rows", "Columns", "RescaleSlope", "RescaleIntercept",
     "SliceThickness", "SeriesDate", "SeriesTime", "SeriesDescription", "StudyInstanceUID", "FrameOfReferenceUID",
 )
+_NUMERIC_KEYWORDS = (
+    "ImageOrientationPatient", "ImagePositionPatient", "PixelSpacing", "RescaleSlope", "RescaleIntercept",
+)
 
 
 def _read_header(path: Path):
     ds = pydicom.dcmread(path, defer_size="1 KB")
     for kw in _HEADER_KEYWORDS:
         if kw in ds:
-            ds[kw].value  # noqa: B018 - converts the raw value; raises if it is damaged
+            value = ds[kw].value  # converts the raw value; raises if it cannot
+            if kw in _NUMERIC_KEYWORDS and value is not None:  # pydicom keeps e.g. 'abc' in a DS as text
+                for v in value if isinstance(value, (list, tuple, MultiValue)) else [value]:
+                    try:
+                        float(v)
+                    except (TypeError, ValueError):
+                        raise ValueError(f"{kw} value {v!r} is not a number") from None
     return ds
 
 
