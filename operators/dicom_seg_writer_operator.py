@@ -2,45 +2,14 @@
 
 from __future__ import annotations
 
-from operators._ports import PYOBJECT
-from monai.deploy.core import Fragment, Operator, OperatorSpec
-
 from autocontour.dicom_seg import build_seg
-from autocontour.rtstruct import write_dataset
-from autocontour.run_record import RunRecord
+from operators._dicom_writer import DicomWriterOperator
 
 
-class DicomSegWriterOperator(Operator):
+class DicomSegWriterOperator(DicomWriterOperator):
     """One BINARY segment per structure, SNOMED codes and colours from the structure table."""
 
-    IN_VOLUME = "volume"
-    IN_STRUCTURES = "structures"
     OUT_DONE = "seg_file"
-
-    def __init__(self, fragment: Fragment, *args, record: RunRecord, algorithm_name: str, algorithm_version: str,
-                 series_description: str, **kwargs):
-        self.record = record
-        self.algorithm_name = algorithm_name
-        self.algorithm_version = algorithm_version
-        self.series_description = series_description
-        super().__init__(fragment, *args, **kwargs)
-
-    def setup(self, spec: OperatorSpec):
-        spec.input(self.IN_VOLUME)
-        spec.input(self.IN_STRUCTURES)
-        spec.output(self.OUT_DONE)
-
-    def compute(self, op_input, op_output, context):
-        volume = op_input.receive(self.IN_VOLUME)
-        results = op_input.receive(self.IN_STRUCTURES)
-        with self.record.stage("write_seg"):
-            ds = build_seg(
-                volume, {n: r.mask for n, r in results.items()}, algorithm_name=self.algorithm_name,
-                algorithm_version=self.algorithm_version, series_description=self.series_description,
-            )
-            name = f"{volume.series_instance_uid}_SEG.dcm"
-            path = self.record.staging_path / name
-            write_dataset(ds, path)
-        self.record.staged_files[name] = path
-        self.record.info["seg"] = {"file": name, "series_instance_uid": str(ds.SeriesInstanceUID)}
-        op_output.emit(str(path), self.OUT_DONE, PYOBJECT)
+    STAGE = "write_seg"
+    SUFFIX = "SEG"
+    BUILDER = staticmethod(build_seg)

@@ -2,44 +2,14 @@
 
 from __future__ import annotations
 
-from operators._ports import PYOBJECT
-from monai.deploy.core import Fragment, Operator, OperatorSpec
-
-from autocontour.rtstruct import build_rtstruct, write_dataset
-from autocontour.run_record import RunRecord
+from autocontour.rtstruct import build_rtstruct
+from operators._dicom_writer import DicomWriterOperator
 
 
-class RtstructWriterOperator(Operator):
+class RtstructWriterOperator(DicomWriterOperator):
     """CLOSED_PLANAR contours per CT slice; the SDK has no RTSTRUCT writer."""
 
-    IN_VOLUME = "volume"
-    IN_STRUCTURES = "structures"
     OUT_DONE = "rtstruct_file"
-
-    def __init__(self, fragment: Fragment, *args, record: RunRecord, algorithm_name: str, algorithm_version: str,
-                 series_description: str, **kwargs):
-        self.record = record
-        self.algorithm_name = algorithm_name
-        self.algorithm_version = algorithm_version
-        self.series_description = series_description
-        super().__init__(fragment, *args, **kwargs)
-
-    def setup(self, spec: OperatorSpec):
-        spec.input(self.IN_VOLUME)
-        spec.input(self.IN_STRUCTURES)
-        spec.output(self.OUT_DONE)
-
-    def compute(self, op_input, op_output, context):
-        volume = op_input.receive(self.IN_VOLUME)
-        results = op_input.receive(self.IN_STRUCTURES)
-        with self.record.stage("write_rtstruct"):
-            ds = build_rtstruct(
-                volume, {n: r.mask for n, r in results.items()}, series_description=self.series_description,
-                algorithm_name=self.algorithm_name, algorithm_version=self.algorithm_version,
-            )
-            name = f"{volume.series_instance_uid}_RTSTRUCT.dcm"
-            path = self.record.staging_path / name
-            write_dataset(ds, path)
-        self.record.staged_files[name] = path
-        self.record.info["rtstruct"] = {"file": name, "series_instance_uid": str(ds.SeriesInstanceUID)}
-        op_output.emit(str(path), self.OUT_DONE, PYOBJECT)
+    STAGE = "write_rtstruct"
+    SUFFIX = "RTSTRUCT"
+    BUILDER = staticmethod(build_rtstruct)
