@@ -40,7 +40,7 @@ FUZZ = settings(
     max_examples=EXAMPLES,
     deadline=None,
     derandomize="FUZZ_EXAMPLES" not in os.environ,
-    database=None,  # writes nothing into the repository
+    database=None,  # no example database (hypothesis keeps only its self-ignored .hypothesis/ cache)
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
 )
 
