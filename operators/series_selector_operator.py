@@ -39,7 +39,7 @@ class SeriesSelectorOperator(Operator):
             chosen = select_series(candidates, self.rules, self.input_folder)
         self.record.info["series"] = {
             "chosen": chosen.series_instance_uid,
-            "slices": len(chosen.datasets),
+            "files": len(chosen.datasets),
             "candidates": [
                 {"series_instance_uid": c.series_instance_uid, "files": len(c.datasets), "rejected": c.rejected}
                 for c in candidates
