@@ -53,8 +53,9 @@ evaluate: $(STAMP)
 	$(VPY) -m training.evaluate --write
 
 ## our app vs the SDK's stock operators on the benchmark CT (docs/benchmark.md); e.g. BENCH_ARGS="--runs 5"
-bench: $(STAMP)
-	ulimit -s 32768; $(VPY) bench/run_benchmark.py $(BENCH_ARGS)
+## our app runs in .venv (no torch); the stock SDK chain needs torch + MONAI core: .venv-train
+bench: $(STAMP) train-venv
+	ulimit -s 32768; $(VPY) bench/run_benchmark.py --stock-python $(TPY) $(BENCH_ARGS)
 
 ## MAP (MONAI Application Package); see docs/packaging.md.
 ## render the MAP build context (Dockerfiles, app.json/pkg.json, app, models, pins) into $(MAP_DIR), offline
