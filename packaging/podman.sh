@@ -156,7 +156,8 @@ cmd_save() {
     img=$(image)
     cmd_config
     tar="$(dirname "$CONTEXT")/hn-autocontour-$(version)-cpu.tar"
-    podman save --format oci-archive -o "$tar" "$img"
+    # docker-archive: what both `docker load` and `podman load` read
+    podman save --quiet --format docker-archive -o "$tar" "$img"
     log "saved $img to $tar ($(du -sh "$tar" | cut -f1)); load it with 'podman load -i' or 'docker load -i'"
 }
 
