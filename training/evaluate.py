@@ -52,13 +52,13 @@ def evaluate(models_dir: Path, names: list[str], data: Path, limit: int | None) 
     backends = {c.name: select_backend(c, "cpu")[0] for c in cfgs}
     paths = sorted(data.glob("*.npz"), key=lambda p: int(p.stem.split("_")[-1]))[:limit]
     scores: dict[str, dict[str, list[float]]] = {c.name: {} for c in cfgs}
-    seconds = []
+    seconds: dict[str, list[float]] = {c.name: [] for c in cfgs}
     for path in paths:
         vol, refs = case_volume(path)
         for cfg in cfgs:
             t0 = time.perf_counter()
             masks = segment(vol, cfg, backends[cfg.name])
-            seconds.append(time.perf_counter() - t0)
+            seconds[cfg.name].append(time.perf_counter() - t0)
             yml = yaml.safe_load((cfg.folder / "model.yaml").read_text())
             for label in cfg.labels:
                 rois = yml["output"]["source_rois"][label]
@@ -77,8 +77,8 @@ def evaluate(models_dir: Path, names: list[str], data: Path, limit: int | None) 
             "cases_per_structure": {k: len(v) for k, v in per.items()},
             "dice_mean_over_structures": round(float(np.mean(list(means.values()))), 4),
             "dice_min_structure": min(means, key=means.get),
+            "seconds_per_patient": round(float(np.mean(seconds[name])), 3),
         }
-    result["seconds_per_model_per_patient"] = round(float(np.mean(seconds)), 3)
     return result
 
 

@@ -64,8 +64,26 @@ def render(meta: dict) -> str:
             f"Mean over structures: **{v['dice_mean_over_structures']:.3f}**. "
             f"Target set by the project: {FLOORS.get(meta['name'], '-')}.",
             "",
-            f"CPU time per patient (OpenKBP 128^3 grid, ONNX Runtime, 2 cores): {v.get('seconds_per_model_per_patient')} s.",
+            f"CPU time per patient (OpenKBP 128^3 grid, ONNX Runtime, 2 cores): {v.get('seconds_per_patient')} s.",
         ]
+    hist = t.get("holdout_history") or []
+    if hist:
+        lines += [
+            "",
+            "## Learning curve (mean Dice on the 10 held-out train patients)",
+            "",
+            "| iteration | " + " | ".join(hist[0]["holdout_dice"]) + " |",
+            "|---" * (len(hist[0]["holdout_dice"]) + 1) + "|",
+        ]
+        for h in hist:
+            lines.append(f"| {h['iteration']} | " + " | ".join(f"{d:.3f}" for d in h["holdout_dice"].values()) + " |")
+        lines += [
+            "",
+            "A 0.000 for a structure usually means it was contoured for none or few of the held-out patients "
+            "(Esophagus and Larynx are missing for about half of OpenKBP).",
+        ]
+    if meta.get("gap"):
+        lines += ["", "## Gap to the project's target", "", meta["gap"]]
     else:
         lines.append("Not measured yet.")
     lines += [

@@ -116,10 +116,14 @@ def softmax_marginal_loss(logits: torch.Tensor, labels: torch.Tensor, known: tor
             lab = labels[b]
         ce = F.nll_loss(torch.log(p.clamp_min(1e-6))[None], lab[None])
         onehot = F.one_hot(lab, p.shape[0]).permute(3, 0, 1, 2).float()
+        # Dice only for structures inside this patch: a Dice term for a structure absent from
+        # the patch pushes its probability to zero everywhere (it silenced the rarely-seen
+        # Esophagus and Larynx in the first 2500 iterations of hn_oar 1.0.0).
+        in_patch = onehot[1:].sum((1, 2, 3)) > 0
         inter = (p[1:] * onehot[1:]).sum((1, 2, 3))
         denom = p[1:].sum((1, 2, 3)) + onehot[1:].sum((1, 2, 3))
         dice = 1 - (2 * inter + 1e-3) / (denom + 1e-3)
-        losses.append(ce + dice.mean())
+        losses.append(ce + (dice[in_patch].mean() if in_patch.any() else 0.0))
     return torch.stack(losses).mean()
 
 
@@ -131,7 +135,9 @@ def sigmoid_loss(logits: torch.Tensor, target: torch.Tensor, known: torch.Tensor
     inter = (p * target).sum((2, 3, 4))
     denom = p.sum((2, 3, 4)) + (target * w).sum((2, 3, 4))
     dice = 1 - (2 * inter + 1e-3) / (denom + 1e-3)
-    return bce + (dice * known).sum() / known.sum().clamp_min(1)
+    # Dice only where the target is in the patch (see softmax_marginal_loss)
+    use = known & (target.sum((2, 3, 4)) > 0)
+    return bce + (dice * use).sum() / use.sum().clamp_min(1)
 
 
 def holdout_dice(net: torch.nn.Module, cases: list[Case], task: Task) -> list[float]:
