@@ -41,8 +41,8 @@ train-venv: $(TRAIN_VENV)/.installed
 
 ## train both default models (resumable; see training/README.md)
 train: train-venv
-	$(TPY) -m training.train --task hn_oar --iterations 5000
-	$(TPY) -m training.train --task hn_target --iterations 6000
+	$(TPY) -m training.train --task hn_oar --iterations 3500
+	$(TPY) -m training.train --task hn_target --iterations 4500
 
 export: train-venv
 	$(TPY) -m training.export --task hn_oar
