@@ -16,7 +16,7 @@ Writes into OUT (by ``make package``)::
     map/pkg.json                  -> /etc/holoscan/pkg.json (Package Manifest, CPU image)
     map/pkg.gpu.json              -> /etc/holoscan/pkg.json (Package Manifest, GPU image)
     models/<name>/                -> /opt/holoscan/models: model.yaml + every file it lists,
-                                     each checked against its sha256
+                                     each checked against its sha256, + the model card (*.md)
     docs/                         -> /opt/holoscan/docs
     pip/requirements.txt          runtime pins (the repo's requirements.txt)
     pip/requirements-gpu.txt      the same with onnxruntime -> packaging/requirements-gpu.txt
@@ -438,6 +438,8 @@ def render(out: Path, root: Path = ROOT, models_dir: Path | None = None, timeout
         dst = out / "models" / m["name"]
         dst.mkdir()
         shutil.copy2(m["folder"] / "model.yaml", dst / "model.yaml")
+        for card in sorted(m["folder"].glob("*.md")):  # the model card (README.md), if any
+            shutil.copy2(card, dst / card.name)
         for f in m["files"]:
             (dst / f["path"]).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(m["folder"] / f["path"], dst / f["path"])

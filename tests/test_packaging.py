@@ -230,6 +230,8 @@ def test_models_in_the_context_match_their_checksums(ctx, pkg_cpu):
         assert m["onnx"] == meta["files"]["onnx"]["path"] and m["version"] == str(meta["version"])
         for rel, sha in listed.items():
             assert _sha256(ctx / "models" / m["name"] / rel) == sha, rel
+        for card in (MODELS / m["name"]).glob("*.md"):  # the model card travels with the model
+            assert (ctx / "models" / m["name"] / card.name).read_bytes() == card.read_bytes()
 
 
 def _fake_models(folder: Path, corrupt: bool = False) -> Path:
