@@ -83,7 +83,8 @@ def export(task: Task, checkpoint: Path, out_dir: Path, version: str) -> Path:
             "data": "OpenKBP train (170 head-and-neck planning CTs with clinical contours; "
             "Babier et al., Med Phys 2021; images from TCIA, CC BY): 160 trained on, the last 10 by number held out "
             "for checkpoint selection; OpenKBP validation never used in training",
-            "checkpoint": str(checkpoint.relative_to(ROOT)),
+            "checkpoint": str(checkpoint.resolve().relative_to(ROOT)) if checkpoint.resolve().is_relative_to(ROOT)
+            else str(checkpoint),
             "iteration": int(ck["iteration"]),
             "holdout_mean_dice": round(float(ck.get("holdout_mean", float("nan"))), 4),
             "holdout_history": history,

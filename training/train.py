@@ -50,7 +50,12 @@ def normalise(ct: np.ndarray, task: Task) -> np.ndarray:
 
 
 class Sampler:
-    """Random patches, two thirds centred on a voxel of a random known structure."""
+    """Random patches, two thirds centred on a voxel of a known structure.
+
+    The structure is drawn with weight 1 / (fraction of patients that have it), so a
+    structure contoured for a third of the patients is centred as often as one contoured
+    for all of them.
+    """
 
     def __init__(self, cases: list[Case], task: Task, rng: np.random.Generator):
         self.task, self.rng = task, rng
@@ -58,6 +63,7 @@ class Sampler:
         for c in cases:
             tgt, known = task.targets(c)
             self.items.append((normalise(c.ct, task), tgt, known))
+        self.class_weight = 1.0 / np.maximum(np.mean([k for _, _, k in self.items], axis=0), 1e-3)
 
     def _crop(self, arr: np.ndarray, start: np.ndarray, pad_value: float) -> np.ndarray:
         p = np.array(self.task.patch_zyx)
@@ -76,7 +82,8 @@ class Sampler:
         centre = None
         if self.rng.random() < 0.67:
             chans = np.flatnonzero(known)
-            ch = self.rng.choice(chans)
+            w = self.class_weight[chans]
+            ch = self.rng.choice(chans, p=w / w.sum())
             fg = np.argwhere(tgt == ch + 1) if self.task.kind == "softmax" else np.argwhere(tgt[ch] > 0)
             if len(fg):
                 centre = fg[self.rng.integers(len(fg))]
@@ -97,24 +104,28 @@ def softmax_marginal_loss(logits: torch.Tensor, labels: torch.Tensor, known: tor
     probability counts as "background" (marginal loss, Shi et al. 2021) and it is left
     out of the Dice term.
     """
-    probs = torch.softmax(logits.float(), dim=1)
+    # log-space throughout: clamping probabilities before the log zeroes the gradient of any
+    # class whose probability fell below the clamp, and it never comes back (this silenced
+    # Esophagus and Larynx in hn_oar 1.0.0 before iteration 3000)
+    logp_all = torch.log_softmax(logits.float(), dim=1)
     losses = []
     for b in range(logits.shape[0]):
-        p = probs[b]
+        logp = logp_all[b]
         unknown = (~known[b]).nonzero().flatten() + 1
         if len(unknown):
-            bg = p[0:1] + p[unknown].sum(0, keepdim=True)
-            keep = torch.ones(p.shape[0], dtype=torch.bool)
+            bg = torch.logsumexp(torch.cat([logp[0:1], logp[unknown]], 0), 0, keepdim=True)
+            keep = torch.ones(logp.shape[0], dtype=torch.bool)
             keep[unknown] = False
             keep[0] = False
-            p = torch.cat([bg, p[keep]], 0)
+            logp = torch.cat([bg, logp[keep]], 0)
             kept_ids = torch.cat([torch.tensor([0]), keep.nonzero().flatten()])
-            remap = torch.zeros(probs.shape[1], dtype=torch.long)
+            remap = torch.zeros(logp_all.shape[1], dtype=torch.long)
             remap[kept_ids] = torch.arange(len(kept_ids))
             lab = remap[labels[b]]
         else:
             lab = labels[b]
-        ce = F.nll_loss(torch.log(p.clamp_min(1e-6))[None], lab[None])
+        ce = F.nll_loss(logp[None], lab[None])
+        p = logp.exp()
         onehot = F.one_hot(lab, p.shape[0]).permute(3, 0, 1, 2).float()
         # Dice only for structures inside this patch: a Dice term for a structure absent from
         # the patch pushes its probability to zero everywhere (it silenced the rarely-seen
