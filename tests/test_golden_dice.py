@@ -1,0 +1,34 @@
+"""Golden Dice regression: the shipped ONNX models on two OpenKBP validation patients.
+
+Runs the app's own inference path (``training.evaluate``, ONNX Runtime CPU) on pt_201 and
+pt_202 and fails if the mean Dice of either model falls below the floor.  The floors are
+the values measured when the models were exported (see the model cards) minus a margin of
+0.05 for run-to-run numerical noise; a change that lowers them is a regression.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+PATIENTS = 2
+
+# model -> floor on the mean Dice over its structures on the first two validation patients
+FLOORS = {"hn_oar": 0.50, "hn_target": 0.27}  # measured 0.559 and 0.324 (pt_201, pt_202) at 1.0.0
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.mark.parametrize("name", sorted(FLOORS))
+def test_validation_dice_does_not_regress(name, shared_data):
+    if not (ROOT / "models" / name / "model.yaml").exists():
+        pytest.skip(f"models/{name} not trained yet")
+    if FLOORS[name] is None:
+        pytest.fail(f"no Dice floor recorded for {name}: measure it and set FLOORS")
+    from training.evaluate import evaluate
+
+    result = evaluate(ROOT / "models", [name], shared_data / "openkbp" / "validation", limit=PATIENTS)
+    mean = result[name]["dice_mean_over_structures"]
+    assert mean >= FLOORS[name], f"{name}: mean Dice {mean:.3f} on {PATIENTS} patients < floor {FLOORS[name]}"
