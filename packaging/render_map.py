@@ -36,7 +36,6 @@ from __future__ import annotations
 
 import argparse
 import ast
-import hashlib
 import json
 import re
 import shutil
@@ -47,6 +46,9 @@ from pathlib import Path
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:  # run as a script: make the app's own modules importable
+    sys.path.insert(0, str(ROOT))
+from autocontour.model_config import sha256_file  # noqa: E402 - one checksum routine for app and package
 
 # MAP paths (MAP specification, "Table of Important Paths"; holoscan-cli DefaultValues)
 API_VERSION = "1.0.0"
@@ -139,14 +141,6 @@ def gpu_requirements(cpu_pins: list[tuple[str, str, str]], gpu_pins: list[tuple[
     gpu_names = {n for n, _, _ in gpu_pins}
     lines = [line for n, _, line in cpu_pins if f"{n}-gpu" not in gpu_names and n not in gpu_names]
     return lines + [line for _, _, line in gpu_pins]
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def find_models(models_dir: Path, verify: bool = True) -> list[dict]:
