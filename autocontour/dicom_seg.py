@@ -151,14 +151,18 @@ def build_seg(
     # Stored segment-major and handed over as a transposed view: highdicom's per-frame
     # reads (frame k, segment s) and its overlap check then run on contiguous memory
     # (3-4x faster than a C-ordered 4D array on a 132x512x512 CT).
-    stacked = np.stack([masks[d.name] for d in defs], axis=0).view(np.uint8)  # (S, K, R, C)
-    # Only slices holding some structure are passed to highdicom; all slices are then
+    # Only slices holding some structure are passed to highdicom (and stacked: the full
+    # (S, K, R, C) stack of a 512 x 512 CT costs ~35 MB per structure); all slices are then
     # referenced (see _reference_all_slices), so the SEG names the whole CT series.
-    occupied = np.flatnonzero(stacked.any(axis=(0, 2, 3)))
+    occupied_any = np.zeros(shape[0], bool)
+    for d in defs:
+        occupied_any |= np.asarray(masks[d.name]).reshape(shape[0], -1).any(axis=1)
+    occupied = np.flatnonzero(occupied_any)
     if occupied.size == 0:
         logger.warning("all %d masks are empty; the SEG will hold one empty frame", len(defs))
         occupied = np.array([0])
-    pixels = np.moveaxis(stacked[:, occupied], 0, -1)  # (frames, R, C, S) view
+    stacked = np.stack([np.asarray(masks[d.name])[occupied] for d in defs], axis=0).view(np.uint8)  # (S, F, R, C)
+    pixels = np.moveaxis(stacked, 0, -1)  # (frames, R, C, S) view
     source = [volume.datasets[k] for k in occupied]
 
     seg = hd.seg.Segmentation(

@@ -91,7 +91,9 @@ def export(task: Task, checkpoint: Path, out_dir: Path, version: str) -> Path:
             "exported": dt.date.today().isoformat(),
             "onnx_vs_torch_max_abs_diff": err,
         },
-        "validation": old.get("validation", {}),
+        # validation Dice belongs to the weights it was measured on: kept only if they are unchanged
+        "validation": old.get("validation", {}) if old.get("files", {}).get("onnx", {}).get("sha256")
+        == sha256_file(onnx_path) else {},
     }
     (out_dir / "model.yaml").write_text(yaml.safe_dump(meta, sort_keys=False, width=120))
     logger.info("exported %s (iteration %d) to %s", task.name, ck["iteration"], out_dir)

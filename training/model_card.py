@@ -66,6 +66,8 @@ def render(meta: dict) -> str:
             "",
             f"CPU time per patient (OpenKBP 128^3 grid, ONNX Runtime, 2 cores): {v.get('seconds_per_patient')} s.",
         ]
+    else:
+        lines.append("Not measured yet.")
     hist = t.get("holdout_history") or []
     if hist:
         lines += [
@@ -84,8 +86,6 @@ def render(meta: dict) -> str:
         ]
     if meta.get("gap"):
         lines += ["", "## Gap to the project's target", "", meta["gap"]]
-    else:
-        lines.append("Not measured yet.")
     lines += [
         "",
         "## Limits",

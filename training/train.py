@@ -97,12 +97,26 @@ class Sampler:
         return x[None].astype(np.float32), y, known
 
 
-def softmax_marginal_loss(logits: torch.Tensor, labels: torch.Tensor, known: torch.Tensor) -> torch.Tensor:
-    """Cross-entropy + soft Dice where unknown structures are merged into background.
+# Weight of the per-structure recall term of softmax_marginal_loss (see there).
+RECALL_WEIGHT = 0.5
+
+
+def softmax_marginal_loss(
+    logits: torch.Tensor, labels: torch.Tensor, known: torch.Tensor, recall_weight: float = RECALL_WEIGHT
+) -> torch.Tensor:
+    """Cross-entropy + soft Dice + per-structure recall, unknown structures merged into background.
 
     A structure not contoured for a patient may be present in the image, so its
     probability counts as "background" (marginal loss, Shi et al. 2021) and it is left
     out of the Dice term.
+
+    The recall term is the mean over the structures in the patch of the mean -log p
+    inside each structure.  Without it a small structure whose probability has fallen
+    near zero gets almost no push back: soft Dice's gradient vanishes through the
+    saturated softmax and the voxel-averaged cross-entropy gives each of its ~200 voxels
+    1/409600 of the patch's weight.  Measured at iteration 1000 of hn_oar 1.1.0 without
+    it: Esophagus and Larynx had mean probability 0.000 inside their own contours on the
+    held-out patients while the other five organs were at Dice 0.67-0.77.
     """
     # log-space throughout: clamping probabilities before the log zeroes the gradient of any
     # class whose probability fell below the clamp, and it never comes back (this silenced
@@ -134,7 +148,12 @@ def softmax_marginal_loss(logits: torch.Tensor, labels: torch.Tensor, known: tor
         inter = (p[1:] * onehot[1:]).sum((1, 2, 3))
         denom = p[1:].sum((1, 2, 3)) + onehot[1:].sum((1, 2, 3))
         dice = 1 - (2 * inter + 1e-3) / (denom + 1e-3)
-        losses.append(ce + (dice[in_patch].mean() if in_patch.any() else 0.0))
+        total = ce
+        if in_patch.any():
+            total = total + dice[in_patch].mean()
+            nll_in = -(logp[1:] * onehot[1:]).sum((1, 2, 3)) / onehot[1:].sum((1, 2, 3)).clamp_min(1)
+            total = total + recall_weight * nll_in[in_patch].mean()
+        losses.append(total)
     return torch.stack(losses).mean()
 
 
@@ -184,6 +203,7 @@ def main() -> None:
     ap.add_argument("--holdout", type=int, default=10)
     ap.add_argument("--ckpt-every", type=int, default=500)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--recall-weight", type=float, default=RECALL_WEIGHT, help="softmax tasks: weight of the recall term")
     ap.add_argument("--runs", type=Path, default=ROOT / "training/runs")
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
@@ -209,7 +229,11 @@ def main() -> None:
         logger.info("resumed %s at iteration %d (best holdout %.3f)", last, it, best)
     # The sampler's stream is re-seeded from (seed, iteration) so a resumed run is repeatable.
     sampler = Sampler(train_cases, task, np.random.default_rng([args.seed, it]))
-    loss_fn = softmax_marginal_loss if task.kind == "softmax" else sigmoid_loss
+    if task.kind == "softmax":
+        def loss_fn(lg, y, k):
+            return softmax_marginal_loss(lg, y, k, args.recall_weight)
+    else:
+        loss_fn = sigmoid_loss
     net.train()
     t0, run_loss = time.time(), []
     while it < args.iterations:
@@ -227,7 +251,7 @@ def main() -> None:
         loss.backward()
         opt.step()
         it += 1
-        run_loss.append(float(loss))
+        run_loss.append(float(loss.detach()))
         if it % 50 == 0:
             logger.info("it %d loss %.4f lr %.2e %.2f s/it", it, np.mean(run_loss), lr, (time.time() - t0) / 50)
             t0, run_loss = time.time(), []
