@@ -4,9 +4,10 @@
 2. It is resampled to the model's spacing (separable linear interpolation, Gaussian
    anti-aliasing when shrinking), cropped to the body's bounding box, windowed.
 3. Sliding-window inference with Gaussian blending over the crop.
-4. Only the region where a structure is likely is interpolated back to the patient
-   grid (all channels, then argmax for exclusive labels / > 0.5 for independent ones),
-   so the full-resolution probability volume is never built.
+4. Each structure is decided on the patient grid only inside the box where it can come
+   out positive, from interpolated probabilities of just the channels that can compete
+   there (``masks_on_patient_grid``), so the full-resolution probability volume is never
+   built.
 """
 
 from __future__ import annotations
@@ -22,11 +23,10 @@ from autocontour.volume import Volume, to_canonical
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["segment", "resample_linear", "sliding_window", "body_box", "to_model_grid"]
+__all__ = ["segment", "resample_linear", "sliding_window", "body_box", "to_model_grid", "masks_on_patient_grid"]
 
 BODY_HU = -400.0  # air/body threshold for the crop
 BODY_MARGIN_MM = 16.0
-REGION_PROBABILITY = 0.2  # model-grid voxels above this are mapped back to the patient grid
 
 
 def _interp_axis(arr: np.ndarray, axis: int, pos: np.ndarray) -> np.ndarray:
@@ -124,21 +124,59 @@ def _to_probabilities(logits: np.ndarray, kind: str) -> np.ndarray:
     return 1.0 / (1.0 + np.exp(-logits))
 
 
+def _axis_resampling_matrix(n_src: int, step: float) -> np.ndarray:
+    """(n_out, n_src) float32 matrix: Gaussian anti-aliasing, then linear sampling at m * step.
+
+    The filter is ``scipy.ndimage.gaussian_filter1d(sigma=(step - 1) / 2, mode="nearest",
+    truncate=3.0)`` (applied only when step > 1.2, as skimage's rescale), written as a
+    matrix so filter and sampling become one BLAS product and only the output samples are
+    computed.
+    """
+    n_out = int(np.floor((n_src - 1) / step)) + 1
+    if step > 1.2:
+        sigma = (step - 1) / 2
+        radius = int(3.0 * sigma + 0.5)  # scipy's kernel half-width for truncate=3.0
+        taps = np.exp(-0.5 * (np.arange(-radius, radius + 1) / sigma) ** 2)
+        taps /= taps.sum()
+        filt = np.zeros((n_src, n_src))
+        rows = np.arange(n_src)
+        for t, w in zip(range(-radius, radius + 1), taps):
+            np.add.at(filt, (rows, np.clip(rows + t, 0, n_src - 1)), w)  # "nearest": edge samples repeat
+    else:
+        filt = np.eye(n_src)
+    pos = np.arange(n_out) * step
+    lo = np.minimum(np.floor(pos).astype(np.intp), n_src - 1)
+    hi = np.minimum(lo + 1, n_src - 1)
+    w = (pos - lo)[:, None]
+    return ((1 - w) * filt[lo] + w * filt[hi]).astype(np.float32)
+
+
+def _resample_along(arr: np.ndarray, mat: np.ndarray, axis: int) -> np.ndarray:
+    """``mat`` (n_out, n) applied along ``axis`` of ``arr`` as one 2-D BLAS product."""
+    moved = np.ascontiguousarray(np.moveaxis(arr, axis, -1))
+    out = (moved.reshape(-1, moved.shape[-1]) @ mat.T).reshape(*moved.shape[:-1], mat.shape[0])
+    return np.moveaxis(out, -1, axis)
+
+
 def to_model_grid(canon: np.ndarray, step: np.ndarray) -> np.ndarray:
     """Canonical HU array -> model grid (model voxel m sits at source index m * step).
 
-    One axis at a time, the most-shrinking first, so each Gaussian anti-aliasing filter
-    (sigma = (step - 1) / 2, as skimage's rescale) runs on an already reduced array.
+    Separable: along each axis, Gaussian anti-aliasing when shrinking (sigma = (step - 1) / 2,
+    as skimage's rescale) and linear sampling, done together as one matrix product per axis
+    (``_axis_resampling_matrix``) where it shrinks by more than 1.2: the most-shrinking axis first (the last array axis among
+    equals, which needs no transposed copy), so later products run on reduced arrays.
     """
     out = np.asarray(canon, np.float32)
-    for a in sorted(range(3), key=lambda a: -step[a]):
+    for a in sorted(range(3), key=lambda a: (-step[a], -a)):
         st = float(step[a])
-        if st > 1.2:
-            out = ndimage.gaussian_filter1d(out, sigma=(st - 1) / 2, axis=a, mode="nearest", truncate=3.0)
         n = int(np.floor((canon.shape[a] - 1) / st)) + 1
-        if n != out.shape[a] or st != 1.0:
+        if st == 1.0 and n == out.shape[a]:
+            continue
+        if st > 1.2:
+            out = _resample_along(out, _axis_resampling_matrix(out.shape[a], st), a)
+        else:  # no anti-aliasing: two taps per sample, cheaper than a dense product
             out = _interp_axis(out, a, np.arange(n) * st)
-    return out
+    return np.ascontiguousarray(out)
 
 
 def _model_grid_image(volume: Volume, canon: np.ndarray, step: np.ndarray) -> np.ndarray:
@@ -163,32 +201,81 @@ def segment(volume: Volume, model: ModelConfig, backend: Backend) -> dict[str, n
     n_out = len(model.labels) + (1 if model.kind == "softmax" else 0)
     logits = sliding_window(x.astype(np.float32), model.patch_zyx, backend.predict, n_out)
     probs = _to_probabilities(logits, model.kind)
-    fg = probs[1:] if model.kind == "softmax" else probs
     masks = {name: np.zeros(volume.array.shape, bool) for name in model.labels}
-    likely = fg.max(0) > REGION_PROBABILITY
-    if not likely.any():
-        logger.info("model %s: no structure found", model.name)
-        return masks
-    idx = np.argwhere(likely)
-    mlo = idx.min(0) - 1 + np.array([b.start for b in box])
-    mhi = idx.max(0) + 2 + np.array([b.start for b in box])
-    # patient-grid (canonical) voxels inside the likely region
-    plo = np.maximum(np.ceil(mlo * step).astype(int), 0)
-    phi = np.minimum(np.floor(mhi * step).astype(int) + 1, canon.shape)
-    positions = tuple(np.arange(a, b) / st - bx.start for a, b, st, bx in zip(plo, phi, step, box))
-    region = resample_linear(probs, positions)
-    sl = tuple(slice(a, b) for a, b in zip(plo, phi))
-    if model.kind == "softmax":
-        # running maximum over channels: cheaper than argmax over the (strided) channel axis
-        best, lab = region[0], np.zeros(region.shape[1:], np.uint8)
-        for c in range(1, region.shape[0]):
-            better = region[c] > best
-            lab[better] = c
-            best = np.maximum(best, region[c])
-        fg_of = [lab == c + 1 for c in range(len(model.labels))]
-    else:
-        fg_of = [region[c] > 0.5 for c in range(len(model.labels))]
-    for c, name in enumerate(model.labels):
+    found = False
+    for c, sl, mask in masks_on_patient_grid(probs, model.kind, box, step, canon.shape):
         # view.forward(mask) is a view: writing the canonical region fills the (k, j, i) mask
-        view.forward(masks[name])[sl] = fg_of[c]
+        # (boxes of one structure may overlap; each decides its voxels exactly, so OR is safe)
+        view.forward(masks[model.labels[c]])[sl] |= mask
+        found = True
+    if not found:
+        logger.info("model %s: no structure found", model.name)
     return masks
+
+
+def masks_on_patient_grid(
+    probs: np.ndarray, kind: str, box: tuple[slice, ...], step: np.ndarray, canon_shape: tuple[int, ...]
+):
+    """Per structure, its mask on the canonical patient grid, in the region where it can win.
+
+    ``probs`` (C, z, y, x) are the model's probabilities on the model-grid crop ``box``;
+    model voxel m of the crop sits at canonical patient index (m + box.start) * step.  The
+    patient-grid decision is made on trilinearly interpolated probabilities (argmax over
+    all channels for ``softmax``, > 0.5 for ``sigmoid``), but only where it can come out
+    positive, so the full-resolution probability volume is never built:
+
+    * sigmoid: an interpolated value is > 0.5 only between model voxels of which one is;
+    * softmax: the argmax of C probabilities is >= 1/C, so structure c can win only
+      between model voxels where p_c >= 1/C, and only channels reaching 1/C somewhere in
+      that box can beat it there.  The result equals the argmax of all C interpolated
+      channels over the whole grid (up to exact ties).
+
+    Yields ``(label index, canonical slice, bool mask)``, possibly several (overlapping)
+    boxes per structure; a structure that wins nowhere yields nothing.  The model never saw outside the crop, so nothing is placed beyond it.
+    """
+    first = 1 if kind == "softmax" else 0
+    threshold = 1.0 / probs.shape[0] if kind == "softmax" else 0.5
+    offset = np.array([b.start for b in box])
+    for c in range(first, probs.shape[0]):
+        cand = probs[c] >= threshold if kind == "softmax" else probs[c] > 0.5
+        if not cand.any():
+            continue
+        # one box per connected group of candidate voxels (26-connected after growing them by
+        # the one model voxel that interpolation reaches), so scattered specks far from the
+        # structure do not stretch one box over the whole scan
+        grown = ndimage.binary_dilation(cand, structure=np.ones((3, 3, 3), bool))
+        lab, _ = ndimage.label(grown, structure=np.ones((3, 3, 3), bool))
+        for obj in ndimage.find_objects(lab):
+            mlo = np.array([o.start for o in obj])
+            mhi = np.array([o.stop - 1 for o in obj])  # inclusive, model-grid crop indices
+            found = _decide_in_box(probs, kind, c, threshold, mlo, mhi, offset, step, canon_shape)
+            if found is not None:
+                yield (c - first, *found)
+
+
+def _decide_in_box(probs, kind, c, threshold, mlo, mhi, offset, step, canon_shape):
+    """Structure c's exact decision on the patient voxels whose model coordinate lies in
+    the model-grid box [mlo, mhi] (inclusive); None if it wins nowhere there."""
+    # canonical patient voxels whose model coordinate p / step - offset lies in [mlo, mhi]
+    plo = np.maximum(np.ceil((mlo + offset) * step - 1e-6).astype(int), 0)
+    phi = np.minimum(np.floor((mhi + offset) * step + 1e-6).astype(int) + 1, canon_shape)
+    if np.any(phi <= plo):
+        return None
+    positions = tuple(np.arange(a, b) / st - o - m for a, b, st, o, m in zip(plo, phi, step, offset, mlo))
+    sub = probs[(slice(None), *(slice(a, b + 1) for a, b in zip(mlo, mhi)))]
+    if kind == "softmax":
+        # only channels that reach 1/C somewhere here can beat structure c
+        chans = [k for k in range(sub.shape[0]) if k == c or (sub[k] >= threshold).any()]
+        region = resample_linear(np.ascontiguousarray(sub[chans]), positions)
+        mine = chans.index(c)
+        best = region[mine]
+        mask = np.ones(best.shape, bool)
+        for j in range(len(chans)):
+            if j != mine:
+                # >= for channels before c, > after: argmax's first-index rule for ties
+                mask &= (region[j] < best) if j < mine else (region[j] <= best)
+    else:
+        mask = resample_linear(np.ascontiguousarray(sub[c : c + 1]), positions)[0] > 0.5
+    if not mask.any():
+        return None
+    return tuple(slice(a, b) for a, b in zip(plo, phi)), mask

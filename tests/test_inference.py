@@ -8,7 +8,11 @@ import numpy as np
 import pytest
 
 from autocontour.backends import FakeBackend
-from autocontour.inference import body_box, resample_linear, segment, sliding_window
+from scipy import ndimage
+
+from autocontour.inference import (
+    body_box, masks_on_patient_grid, resample_linear, segment, sliding_window, to_model_grid,
+)
 from autocontour.model_config import ModelConfig
 from autocontour.volume import Volume
 
@@ -114,3 +118,68 @@ def test_nothing_found_gives_empty_masks():
     vol = volume_with_ball("HFS")
     masks = segment(vol, model(), FakeBackend(model(), lambda x: np.full_like(x, -10.0)))
     assert masks["PTV_High"].shape == vol.array.shape and not masks["PTV_High"].any()
+
+
+def _whole_grid_reference(probs, kind, box, step, canon_shape):
+    """Every channel interpolated over the whole patient grid, then argmax / > 0.5."""
+    positions = tuple(
+        np.clip(np.arange(n) / st - b.start, 0, m - 1) for n, st, b, m in zip(canon_shape, step, box, probs.shape[1:])
+    )
+    inside = [(np.arange(n) / st - b.start >= 0) & (np.arange(n) / st - b.start <= m - 1)
+              for n, st, b, m in zip(canon_shape, step, box, probs.shape[1:])]
+    full = resample_linear(probs, positions)
+    in_crop = inside[0][:, None, None] & inside[1][None, :, None] & inside[2][None, None, :]
+    if kind == "softmax":
+        lab = full.argmax(0)
+        return [(lab == c) & in_crop for c in range(1, probs.shape[0])]
+    return [(full[c] > 0.5) & in_crop for c in range(probs.shape[0])]
+
+
+@pytest.mark.parametrize("kind,channels,scale,seed", [
+    ("softmax", 8, 25.0, 0),  # confident, touching structures
+    ("softmax", 8, 2.0, 1),   # flat: winners with p well below 0.5, many-way borders
+    ("softmax", 4, 4.0, 2),
+    ("sigmoid", 2, 6.0, 3),
+])
+def test_masks_on_patient_grid_equal_the_whole_grid_argmax(kind, channels, scale, seed):
+    """The per-structure boxes give exactly what interpolating every channel everywhere gives,
+    on smooth random probabilities with touching, competing structures."""
+    rng = np.random.default_rng(seed)
+    shape = (14, 17, 19)
+    logits = ndimage.gaussian_filter(rng.normal(size=(channels, *shape)), (0, 1.5, 1.5, 1.5)) * scale
+    if kind == "softmax":
+        e = np.exp(logits - logits.max(0))
+        probs = (e / e.sum(0)).astype(np.float32)
+    else:
+        probs = (1 / (1 + np.exp(-logits))).astype(np.float32)
+    box = (slice(2, 16), slice(5, 22), slice(0, 19))
+    step = np.array([1.0, 3.4, 2.7])
+    canon_shape = (20, 80, 56)
+    ref = _whole_grid_reference(probs, kind, box, step, canon_shape)
+    got = [np.zeros(canon_shape, bool) for _ in ref]
+    for c, sl, mask in masks_on_patient_grid(probs, kind, box, step, canon_shape):
+        got[c][sl] |= mask
+    assert sum(r.sum() for r in ref) > 1000  # the case has structures to find
+    for c, (g, r) in enumerate(zip(got, ref)):
+        assert np.array_equal(g, r), f"channel {c}: {np.sum(g != r)} voxels differ"
+
+
+@pytest.mark.parametrize("step", [(1.0, 3.41, 3.41), (2.4, 1.1, 4.1), (0.8, 1.0, 1.0), (1.5, 1.25, 2.0)])
+def test_to_model_grid_is_gaussian_anti_aliasing_then_linear_sampling(step):
+    """The matrix form equals scipy's Gaussian filter (mode nearest, truncate 3) followed by
+    linear sampling at m * step, axis by axis, on a strided (flipped) view."""
+    arr = (np.random.default_rng(5).normal(size=(30, 61, 47)) * 400).astype(np.float32)
+    view = arr[::-1, :, ::-1]
+    ref = view.astype(np.float64)
+    for a, st in enumerate(step):
+        if st > 1.2:
+            ref = ndimage.gaussian_filter1d(ref, sigma=(st - 1) / 2, axis=a, mode="nearest", truncate=3.0)
+        n = int(np.floor((view.shape[a] - 1) / st)) + 1
+        pos = np.arange(n) * st
+        lo = np.minimum(np.floor(pos).astype(int), view.shape[a] - 1)
+        hi = np.minimum(lo + 1, view.shape[a] - 1)
+        w = (pos - lo).reshape([-1 if i == a else 1 for i in range(3)])
+        ref = np.take(ref, lo, axis=a) * (1 - w) + np.take(ref, hi, axis=a) * w
+    out = to_model_grid(view, np.array(step))
+    assert out.shape == ref.shape and out.dtype == np.float32 and out.flags.c_contiguous
+    np.testing.assert_allclose(out, ref, atol=0.02)  # HU; float32 products
