@@ -97,7 +97,9 @@ _TYPE3_KEYWORDS = {"StudyDescription"}
 # --------------------------------------------------------------------------- writing
 
 
-def mask_to_contours(mask2d: np.ndarray, affine: np.ndarray, k: int) -> list[np.ndarray]:
+def mask_to_contours(
+    mask2d: np.ndarray, affine: np.ndarray, k: int, origin_rc: tuple[int, int] = (0, 0)
+) -> list[np.ndarray]:
     """Closed planar contours of slice ``k`` of a mask, as (N, 3) LPS polygons in mm.
 
     Every outer boundary and every hole boundary is its own closed polygon (holes are
@@ -110,6 +112,9 @@ def mask_to_contours(mask2d: np.ndarray, affine: np.ndarray, k: int) -> list[np.
         mask2d: (rows, columns) mask of slice ``k``; nonzero is inside.
         affine: 4x4 matrix mapping index ``(k, j, i, 1)`` to LPS mm.
         k: the slice index, used to place the polygon in the patient.
+        origin_rc: (row, column) of ``mask2d[0, 0]`` on the slice, when ``mask2d`` is a
+            crop of it (contours of a crop that holds the whole structure are those of
+            the slice).
 
     Returns:
         One float array of shape (N, 3) per polygon, in LPS mm.
@@ -124,7 +129,7 @@ def mask_to_contours(mask2d: np.ndarray, affine: np.ndarray, k: int) -> list[np.
     origin = np.asarray(affine, dtype=float)[:3, 3] + lin[:, 0] * k
     contours = []
     for rc in find_contours(padded, 0.5):
-        rc = rc - 1.0  # back to unpadded (row, col)
+        rc = rc - 1.0 + origin_rc  # back to unpadded (row, col) of the whole slice
         rc = _simplify_closed(rc)
         if len(rc) < 3:
             continue
@@ -411,9 +416,16 @@ def _contour_items(
     mask: np.ndarray, volume: Volume, slice_z: Sequence[str], slice_refs: Sequence[Dataset]
 ) -> list[Dataset]:
     items = []
-    for k in np.flatnonzero(mask.reshape(mask.shape[0], -1).any(axis=1)):
+    # trace each slice inside the structure's in-plane bounding box only
+    rows = np.flatnonzero(mask.any(axis=(0, 2)))
+    cols = np.flatnonzero(mask.any(axis=(0, 1)))
+    if rows.size == 0:
+        return items
+    r0, c0 = int(rows[0]), int(cols[0])
+    crop = mask[:, r0 : int(rows[-1]) + 1, c0 : int(cols[-1]) + 1]
+    for k in np.flatnonzero(crop.reshape(crop.shape[0], -1).any(axis=1)):
         k = int(k)
-        for points in mask_to_contours(mask[k], volume.affine, k):
+        for points in mask_to_contours(crop[k], volume.affine, k, (r0, c0)):
             xy = [format_ds(v) for v in points[:, :2].ravel()]
             z = slice_z[k]  # every point exactly on the slice's plane
             data = [v for x, y in zip(xy[0::2], xy[1::2]) for v in (x, y, z)]

@@ -269,6 +269,19 @@ def test_contours_do_not_self_intersect_or_cross():
         assert np.array_equal(rebuilt[0], mask)
 
 
+def test_contours_of_a_crop_placed_by_origin_equal_the_whole_slice():
+    """The writer traces each structure inside its bounding box: same polygons, same place."""
+    rng = np.random.default_rng(1)
+    slice_ = np.zeros((40, 50), bool)
+    slice_[7:30, 12:41] = rng.random((23, 29)) > 0.4
+    volume = make_volume()
+    whole = mask_to_contours(slice_, volume.affine, 2)
+    crop = mask_to_contours(slice_[7:30, 12:41], volume.affine, 2, origin_rc=(7, 12))
+    assert len(whole) == len(crop) > 3
+    for a, b in zip(whole, crop):
+        np.testing.assert_array_equal(a, b)
+
+
 # --------------------------------------------------------------------------- round trip and geometry
 
 
