@@ -48,6 +48,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("-m", "--model", type=Path, default=Path(env.get("HOLOSCAN_MODEL_PATH", REPO_MODELS)))
     ap.add_argument("-w", "--workdir", type=Path, default=Path(env["HOLOSCAN_WORKDIR"]) if env.get("HOLOSCAN_WORKDIR") else None)
     ap.add_argument("--backend", default=env.get("AUTOCONTOUR_BACKEND", "auto"), help="auto, tensorrt, cuda or cpu")
+    ap.add_argument("--workers", type=int, default=int(env.get("AUTOCONTOUR_WORKERS", "2")),
+                    help="graph worker threads (1: one operator at a time; default 2)")
     ap.add_argument("--rules", type=Path, default=DEFAULT_RULES_PATH, help="series selection rules (YAML)")
     ap.add_argument("-l", "--log-level", default=env.get("AUTOCONTOUR_LOG_LEVEL", "INFO"))
     return ap.parse_args(argv)
@@ -104,7 +106,15 @@ def build_app(args: argparse.Namespace, record: RunRecord, loaded: list[tuple[Mo
             self.add_flow(seg, report, {(seg.OUT_DONE, report.IN_SEG)})
             self.add_flow(rts, report, {(rts.OUT_DONE, report.IN_RTSTRUCT)})
 
-    return AutoContourApp()
+    app = AutoContourApp()
+    if args.workers > 1:
+        # the two model branches, and the two writers, run side by side: ONNX Runtime and
+        # numpy release the GIL, so the second core works while the first runs Python
+        from holoscan.schedulers import EventBasedScheduler
+
+        app.scheduler(EventBasedScheduler(app, name="scheduler", worker_thread_number=args.workers,
+                                          stop_on_deadlock=True))
+    return app
 
 
 def run(argv: list[str] | None = None) -> int:

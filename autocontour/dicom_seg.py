@@ -161,7 +161,17 @@ def build_seg(
     if occupied.size == 0:
         logger.warning("all %d masks are empty; the SEG will hold one empty frame", len(defs))
         occupied = np.array([0])
-    stacked = np.stack([np.asarray(masks[d.name])[occupied] for d in defs], axis=0).view(np.uint8)  # (S, F, R, C)
+    # filled in place, one block copy per run of consecutive occupied slices (fancy
+    # indexing and np.stack would copy every mask twice, np.take(out=) is slower still)
+    stacked = np.empty((len(defs), occupied.size, *shape[1:]), np.uint8)  # (S, F, R, C)
+    breaks = np.flatnonzero(np.diff(occupied) > 1) + 1
+    runs = [(int(r[0]), int(r[-1]) + 1) for r in np.split(occupied, breaks)]
+    for i, d in enumerate(defs):
+        m = np.asarray(masks[d.name]).view(np.uint8)
+        f = 0
+        for k0, k1 in runs:
+            stacked[i, f : f + k1 - k0] = m[k0:k1]
+            f += k1 - k0
     pixels = np.moveaxis(stacked, 0, -1)  # (frames, R, C, S) view
     source = [volume.datasets[k] for k in occupied]
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import threading
 import numpy as np
 from scipy import ndimage
 
@@ -25,6 +26,7 @@ logger = logging.getLogger(__name__)
 
 __all__ = ["segment", "resample_linear", "sliding_window", "body_box", "to_model_grid", "masks_on_patient_grid"]
 
+_GRID_LOCK = threading.Lock()
 BODY_HU = -400.0  # air/body threshold for the crop
 BODY_MARGIN_MM = 16.0
 
@@ -183,9 +185,10 @@ def _model_grid_image(volume: Volume, canon: np.ndarray, step: np.ndarray) -> np
     """``to_model_grid`` once per volume and spacing: models sharing a spacing share the work."""
     key = ("model_grid", tuple(np.round(step, 6)))
     cache = volume.cache
-    if key not in cache:
-        cache[key] = to_model_grid(canon, step)
-    return cache[key]
+    with _GRID_LOCK:  # branches may run in parallel threads: the second one waits and reuses it
+        if key not in cache:
+            cache[key] = to_model_grid(canon, step)
+        return cache[key]
 
 
 def segment(volume: Volume, model: ModelConfig, backend: Backend) -> dict[str, np.ndarray]:

@@ -62,13 +62,20 @@ def _fill_holes_per_slice(mask: np.ndarray) -> np.ndarray:
 
 
 def bounding_box(mask: np.ndarray) -> tuple[slice, ...] | None:
-    """Smallest box holding every True voxel (None if there is none), from axis projections."""
-    box = []
-    for axis in range(mask.ndim):
-        other = tuple(a for a in range(mask.ndim) if a != axis)
-        idx = np.flatnonzero(mask.any(axis=other))
-        if idx.size == 0:
-            return None
+    """Smallest box holding every True voxel (None if there is none), from axis projections.
+
+    The first axis is found from each slice's ``any`` (contiguous rows); the others from
+    one projection of the occupied slab, which is far cheaper than reducing the whole
+    array once per axis.
+    """
+    first = np.flatnonzero(mask.reshape(mask.shape[0], -1).any(axis=1))
+    if first.size == 0:
+        return None
+    box = [slice(int(first[0]), int(first[-1]) + 1)]
+    proj = mask[box[0]].any(axis=0)
+    for axis in range(proj.ndim):
+        other = tuple(a for a in range(proj.ndim) if a != axis)
+        idx = np.flatnonzero(proj.any(axis=other)) if other else np.flatnonzero(proj)
         box.append(slice(int(idx[0]), int(idx[-1]) + 1))
     return tuple(box)
 
@@ -98,7 +105,7 @@ def postprocess_structure(mask: np.ndarray, defn: StructureDefinition, voxel_cc:
                 filled = _fill_holes_per_slice(sub)
                 res.holes_filled_cc = float((filled & ~sub).sum() * voxel_cc)
                 sub = filled
-            mask = np.zeros_like(mask)
+            mask = np.zeros(mask.shape, bool)  # calloc: untouched pages stay free
             mask[box] = sub
         res.volume_cc = float(sub.sum() * voxel_cc)
         if res.volume_cc:

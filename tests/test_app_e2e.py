@@ -129,3 +129,25 @@ def test_environment_variables_replace_the_flags(tmp_path):
     proc = subprocess.run(["bash", "-c", cmd], capture_output=True, text=True, timeout=600, env=env, cwd="/")
     assert proc.returncode == 0, proc.stderr[-3000:]
     outputs(tmp_path)
+
+
+def test_one_or_two_graph_workers_give_the_same_contours(tmp_path):
+    """The multi-threaded scheduler (default 2 workers) runs the branches side by side; the
+    result must be the one a strictly sequential run gives."""
+    needs_models()
+    sample = ROOT / "sample" / "ct"
+    runs = {}
+    for workers in (1, 2):
+        out = tmp_path / f"w{workers}"
+        proc = run_app(sample, out, "--workers", str(workers))
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        runs[workers] = outputs(out)
+    cands, _ = scan_folder(sample)
+    volume = build_volume(select_series(cands, SelectionRules()))
+    one = read_seg_masks(pydicom.dcmread(runs[1][0]), volume)
+    two = read_seg_masks(pydicom.dcmread(runs[2][0]), volume)
+    assert set(one) == set(two) and any(m.any() for m in one.values())
+    for name in one:
+        assert np.array_equal(one[name], two[name]), name
+    vols = [{s["name"]: s["volume_cc"] for s in r[2]["structures"]} for r in (runs[1], runs[2])]
+    assert vols[0] == vols[1]

@@ -157,6 +157,20 @@ def test_round_trip_is_exact(written) -> None:
         assert np.array_equal(back[name], mask), name
 
 
+@pytest.mark.parametrize("slices", [(0, 3), (1, 2, 5), (4,)])
+def test_round_trip_is_exact_with_unoccupied_slices_between(slices) -> None:
+    """Only occupied slices are stacked for highdicom, also when they are not consecutive."""
+    volume = _volume(ORIENTATIONS["HFS"])
+    rng = np.random.default_rng(len(slices))
+    masks = {n: np.zeros(SHAPE, bool) for n in ("Parotid_L", "PTV_High")}
+    for k in slices:
+        masks["Parotid_L"][k] = rng.random(SHAPE[1:]) < 0.3
+        masks["PTV_High"][k] = rng.random(SHAPE[1:]) < 0.3
+    back = read_seg_masks(_build(volume, masks), volume)
+    for name, mask in masks.items():
+        assert np.array_equal(back[name], mask), name
+
+
 def test_segments_follow_the_table(written) -> None:
     _, masks, path = written
     ds = pydicom.dcmread(path)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from autocontour.postprocess import laterality_flag, postprocess, postprocess_structure
+from autocontour.postprocess import bounding_box, laterality_flag, postprocess, postprocess_structure
 from autocontour.structures import structure
 from autocontour.volume import Volume
 
@@ -80,3 +80,12 @@ def test_implausible_volume_and_empty_structure_are_flagged():
     res = postprocess(vol, {"Brainstem": tiny, "Larynx": np.zeros_like(tiny)})
     assert any("outside the plausible range" in f for f in res["Brainstem"].flags)
     assert res["Larynx"].flags == ["empty: structure not found"]
+
+
+@pytest.mark.parametrize("shape,seed", [((7,), 0), ((6, 9), 1), ((5, 8, 11), 2), ((5, 8, 11), 3), ((1, 1, 1), 4)])
+def test_bounding_box_is_the_extent_of_the_true_voxels(shape, seed):
+    mask = np.random.default_rng(seed).random(shape) > 0.93
+    idx = np.argwhere(mask)
+    expected = tuple(slice(int(a), int(b) + 1) for a, b in zip(idx.min(0), idx.max(0))) if len(idx) else None
+    assert bounding_box(mask) == expected
+    assert bounding_box(np.zeros(shape, bool)) is None
