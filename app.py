@@ -133,6 +133,7 @@ def run(argv: list[str] | None = None) -> int:
         staging = prepare_staging(args.output)
         record = RunRecord(args.input, args.output, staging)
         record.started = t0
+        record.info["graph_workers"] = args.workers
         workdir = args.workdir or staging
         # CuPy (imported by MONAI) creates its kernel cache folder on import: keep it in the work dir
         os.environ.setdefault("CUPY_CACHE_DIR", str(Path(workdir).resolve() / "cupy-kernel-cache"))

@@ -42,6 +42,11 @@ def build_report(record: RunRecord, results: dict[str, StructureResult]) -> dict
         "outputs": {k: record.info[k] for k in ("seg", "rtstruct") if k in record.info},
         "structures": structures,
         "flags": [f"{s['name']}: {f}" for s in structures for f in s["flags"]],
+        # wall seconds per stage; with graph_workers > 1 the model branches (and the two
+        # writers) run side by side, so their stages overlap and do not add up to the total
         "seconds": record.seconds,
-        "host": {"python": platform.python_version(), "machine": platform.machine(), "gpu": gpu_snapshot()},
+        "host": {
+            "python": platform.python_version(), "machine": platform.machine(),
+            "graph_workers": record.info.get("graph_workers", 1), "gpu": gpu_snapshot(),
+        },
     }

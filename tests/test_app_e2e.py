@@ -142,6 +142,7 @@ def test_one_or_two_graph_workers_give_the_same_contours(tmp_path):
         proc = run_app(sample, out, "--workers", str(workers))
         assert proc.returncode == 0, proc.stderr[-3000:]
         runs[workers] = outputs(out)
+        assert runs[workers][2]["host"]["graph_workers"] == workers
     cands, _ = scan_folder(sample)
     volume = build_volume(select_series(cands, SelectionRules()))
     one = read_seg_masks(pydicom.dcmread(runs[1][0]), volume)
