@@ -41,11 +41,12 @@ train-venv: $(TRAIN_VENV)/.installed
 
 ## train both default models (resumable; see training/README.md)
 train: train-venv
-	$(TPY) -m training.train --task hn_oar --iterations 3500
+	$(TPY) -m training.train --task hn_oar --iterations 8000 --threads 2 --stop-at 3000
+	$(TPY) -m training.train --task hn_oar --iterations 8000 --threads 2 --recall-weight 0.1
 	$(TPY) -m training.train --task hn_target --iterations 4500
 
 export: train-venv
-	$(TPY) -m training.export --task hn_oar
+	$(TPY) -m training.export --task hn_oar --version 1.1.0
 	$(TPY) -m training.export --task hn_target
 
 ## Dice of the exported ONNX models on the 33 OpenKBP validation patients
