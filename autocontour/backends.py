@@ -132,6 +132,11 @@ class OrtBackend:
         so.inter_op_num_threads = 1
         so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
         so.log_severity_level = 3
+        # no busy-waiting between kernels: the two model branches run side by side on the
+        # graph's worker threads, and spinning intra-op threads would steal the cores the
+        # other branch (and the Python stages) need (measured: ~0.4 s and ~0.8 CPU-s less
+        # per CT on 2 cores, and steadier times)
+        so.add_session_config_entry("session.intra_op.allow_spinning", "0")
         try:
             self.session = ort.InferenceSession(str(model.onnx_path), sess_options=so, providers=providers)
         except Exception as exc:

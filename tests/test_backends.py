@@ -134,3 +134,17 @@ def test_tensorrt_factory_configures_fp16_and_the_keyed_cache(monkeypatch, tmp_p
 def test_fake_backend_shapes():
     b = backends.FakeBackend(MODEL)
     assert b.predict(np.zeros((2, 1, 4, 4, 4), np.float32)).shape == (2, 1, 4, 4, 4)
+
+
+def test_cpu_session_threads_do_not_spin(tmp_path):
+    """Both model branches run at once on the graph's workers: ONNX Runtime's intra-op
+    threads must sleep, not busy-wait, between kernels."""
+    from autocontour.model_config import load_model_config
+
+    root = Path(__file__).resolve().parents[1] / "models" / "hn_target"
+    if not (root / "model.yaml").exists():
+        pytest.skip("models/hn_target not present")
+    backend, _ = select_backend(load_model_config(root), "cpu", tmp_path)
+    opts = backend.session.get_session_options()
+    assert opts.get_session_config_entry("session.intra_op.allow_spinning") == "0"
+    assert opts.intra_op_num_threads >= 1
