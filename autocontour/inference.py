@@ -165,8 +165,9 @@ def to_model_grid(canon: np.ndarray, step: np.ndarray) -> np.ndarray:
 
     Separable: along each axis, Gaussian anti-aliasing when shrinking (sigma = (step - 1) / 2,
     as skimage's rescale) and linear sampling, done together as one matrix product per axis
-    (``_axis_resampling_matrix``) where it shrinks by more than 1.2: the most-shrinking axis first (the last array axis among
-    equals, which needs no transposed copy), so later products run on reduced arrays.
+    (``_axis_resampling_matrix``) where it shrinks by more than 1.2.  The most-shrinking
+    axis goes first (the last array axis among equals, which needs no transposed copy), so
+    later products run on reduced arrays.
     """
     out = np.asarray(canon, np.float32)
     for a in sorted(range(3), key=lambda a: (-step[a], -a)):
@@ -234,7 +235,8 @@ def masks_on_patient_grid(
       channels over the whole grid (up to exact ties).
 
     Yields ``(label index, canonical slice, bool mask)``, possibly several (overlapping)
-    boxes per structure; a structure that wins nowhere yields nothing.  The model never saw outside the crop, so nothing is placed beyond it.
+    boxes per structure; a structure that wins nowhere yields nothing.  The model never saw
+    outside the crop, so nothing is placed beyond it.
     """
     first = 1 if kind == "softmax" else 0
     threshold = 1.0 / probs.shape[0] if kind == "softmax" else 0.5
