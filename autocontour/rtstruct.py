@@ -43,6 +43,7 @@ from skimage.draw import polygon as fill_polygon
 from skimage.measure import find_contours
 
 from autocontour.errors import GeometryError, OutputError
+from autocontour.postprocess import bounding_box
 from autocontour.structures import StructureDefinition, structure
 from autocontour.volume import Volume
 
@@ -416,16 +417,16 @@ def _contour_items(
     mask: np.ndarray, volume: Volume, slice_z: Sequence[str], slice_refs: Sequence[Dataset]
 ) -> list[Dataset]:
     items = []
-    # trace each slice inside the structure's in-plane bounding box only
-    rows = np.flatnonzero(mask.any(axis=(0, 2)))
-    cols = np.flatnonzero(mask.any(axis=(0, 1)))
-    if rows.size == 0:
+    # trace each slice inside the structure's bounding box only
+    box = bounding_box(mask)
+    if box is None:
         return items
-    r0, c0 = int(rows[0]), int(cols[0])
-    crop = mask[:, r0 : int(rows[-1]) + 1, c0 : int(cols[-1]) + 1]
-    for k in np.flatnonzero(crop.reshape(crop.shape[0], -1).any(axis=1)):
-        k = int(k)
-        for points in mask_to_contours(crop[k], volume.affine, k, (r0, c0)):
+    crop = mask[:, box[1], box[2]]
+    origin_rc = (box[1].start, box[2].start)
+    for k in range(box[0].start, box[0].stop):
+        if not crop[k].any():
+            continue
+        for points in mask_to_contours(crop[k], volume.affine, k, origin_rc):
             xy = [format_ds(v) for v in points[:, :2].ravel()]
             z = slice_z[k]  # every point exactly on the slice's plane
             data = [v for x, y in zip(xy[0::2], xy[1::2]) for v in (x, y, z)]

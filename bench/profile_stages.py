@@ -79,8 +79,11 @@ def main(argv: list[str] | None = None) -> int:
 
     stages = [("select", select), ("convert", convert)]
     stages += [(f"inference_{m.name}", infer(m, b)) for m, b in models]
-    stages += [("postprocess", post), ("build_seg", seg), ("write_seg", lambda: write_dataset(state["seg"], out / "seg.dcm")),
-               ("build_rtstruct", rts), ("write_rtstruct", lambda: write_dataset(state["rts"], out / "rts.dcm"))]
+    stages += [
+        ("postprocess", post),
+        ("build_seg", seg), ("write_seg", lambda: write_dataset(state["seg"], out / "seg.dcm")),
+        ("build_rtstruct", rts), ("write_rtstruct", lambda: write_dataset(state["rts"], out / "rts.dcm")),
+    ]
     rows = []
     for name, fn in stages:
         times = []
