@@ -1,6 +1,12 @@
 """Write the contours as a DICOM Segmentation (SEG), and read any SEG back onto a Volume.
 
-The writer uses highdicom.  Choices, and why:
+The writer builds the Segmentation IOD with pydicom directly; its output is checked
+element by element against highdicom's ``Segmentation`` built from the same masks
+(``tests/test_dicom_seg.py``), which was this writer until highdicom's constructor
+(~2 s per CT, on the critical path: loading its JSON tables of the standard, checking
+which CT attributes belong to the IOD, an overlap sum over a (frames x rows x columns x
+segments) array, per-value DS validation) was measured as the slowest stage of the app.
+The reader still uses highdicom, imported when first needed.  Choices, and why:
 
 * ``BINARY`` segmentation type, one segment per structure: targets overlap organs, which
   a ``LABELMAP`` cannot hold.  Segments follow the order of the structure table
@@ -13,74 +19,218 @@ The writer uses highdicom.  Choices, and why:
   PS3.3 C.8.20.2 (Segment Description Macro) defines it.
 * Frames lie on the CT slices themselves (one frame per non-empty slice and segment,
   empty frames omitted), so each frame references its source CT slice and takes that
-  slice's ImagePositionPatient; the plane geometry is never recomputed.  The SEG still
-  references every slice of the CT series (Referenced Series / Source Image Sequence).
-* Native (uncompressed) transfer syntax: BINARY frames are bit-packed (1 bit/pixel), so
-  compression would cost time for little gain.
+  slice's ImagePositionPatient; the plane geometry is never recomputed.  Frames are
+  ordered segment by segment, then along the slice normal, with Dimension Index Values
+  (segment number, plane position), as highdicom orders them.  The SEG references every
+  slice of the CT series (Referenced Series / Source Image Sequence).
+* Patient and study attributes are those of the CT Image IOD's Patient and Study
+  modules, copied from the first slice (the same list highdicom derives from its tables
+  of the standard; ``_PATIENT_STUDY_KEYWORDS``).
+* Native (uncompressed) transfer syntax: BINARY frames are bit-packed (1 bit/pixel,
+  frames back to back with no padding between them), so compression would cost time for
+  little gain.
 
-The CT headers in ``Volume.datasets`` lack PixelData; highdicom needs only the metadata
-(Rows, Columns, PixelSpacing, ImageOrientationPatient, ImagePositionPatient, patient
-and study attributes), which they keep.
+The CT headers in ``Volume.datasets`` lack PixelData; the writer needs only their
+metadata (Rows, Columns, PixelSpacing, ImageOrientationPatient, ImagePositionPatient,
+patient and study attributes).
 """
 
 from __future__ import annotations
 
 import copy
+import datetime
 import logging
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING
 
-import highdicom as hd
 import numpy as np
-import pydicom
-from pydicom.dataset import Dataset
+from pydicom.dataelem import DataElement, RawDataElement
+from pydicom.dataset import Dataset, FileMetaDataset, validate_file_meta
 from pydicom.sequence import Sequence as DicomSequence
-from pydicom.sr.codedict import codes
-from pydicom.valuerep import DSfloat
+from pydicom.tag import Tag
+from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+from pydicom.valuerep import DSfloat, format_number_as_ds
 
+from autocontour.postprocess import bounding_box
 from autocontour.structures import STRUCTURES, Code, StructureDefinition, structure
 from autocontour.volume import Volume
 
+if TYPE_CHECKING:  # highdicom is imported by the reader only, when it is first used
+    import highdicom as hd
+
 logger = logging.getLogger(__name__)
 
-__all__ = ["build_seg", "read_seg_masks", "cielab_color", "CONTENT_LABEL"]
+__all__ = ["build_seg", "read_seg_masks", "cielab_color", "CONTENT_LABEL", "SEGMENTATION_STORAGE"]
 
 CONTENT_LABEL = "AUTOSEG"
 DEFAULT_MANUFACTURER = "autocontour"
 DEFAULT_MODEL_NAME = "autocontour head-and-neck auto-segmentation"
 DEFAULT_CONTENT_CREATOR = "AUTOCONTOUR^"  # PN: family name only (trailing caret)
-SEG_STORAGE_UIDS = ("1.2.840.10008.5.1.4.1.1.66.4", "1.2.840.10008.5.1.4.1.1.66.7")
+SEGMENTATION_STORAGE = "1.2.840.10008.5.1.4.1.1.66.4"
+SEG_STORAGE_UIDS = (SEGMENTATION_STORAGE, "1.2.840.10008.5.1.4.1.1.66.7")
+
+# Root attributes of the Patient, Clinical Trial Subject, General Study, Patient Study and
+# Clinical Trial Study modules of the CT Image IOD (PS3.3 A.3), copied from the CT when
+# present.  The list highdicom's copy_patient_and_study_information derives from its
+# tables of the standard (tests/test_dicom_seg.py checks that they agree).
+_PATIENT_STUDY_KEYWORDS = (
+    # Patient
+    "ReferencedPatientSequence", "PatientName", "PatientID", "IssuerOfPatientID", "TypeOfPatientID",
+    "IssuerOfPatientIDQualifiersSequence", "SourcePatientGroupIdentificationSequence",
+    "GroupOfPatientsIdentificationSequence", "PatientBirthDate", "PatientBirthTime",
+    "PatientBirthDateInAlternativeCalendar", "PatientDeathDateInAlternativeCalendar", "PatientAlternativeCalendar",
+    "PatientSex", "QualityControlSubject", "StrainDescription", "StrainNomenclature", "StrainStockSequence",
+    "StrainAdditionalInformation", "StrainCodeSequence", "GeneticModificationsSequence", "OtherPatientNames",
+    "OtherPatientIDsSequence", "ReferencedPatientPhotoSequence", "EthnicGroupCodeSequence",
+    "PatientSpeciesDescription", "PatientSpeciesCodeSequence", "PatientBreedDescription",
+    "PatientBreedCodeSequence", "BreedRegistrationSequence", "ResponsiblePerson", "ResponsiblePersonRole",
+    "ResponsibleOrganization", "PatientComments", "PatientIdentityRemoved", "DeidentificationMethod",
+    "DeidentificationMethodCodeSequence",
+    # Clinical Trial Subject
+    "ClinicalTrialSponsorName", "ClinicalTrialProtocolID", "ClinicalTrialProtocolName",
+    "IssuerOfClinicalTrialProtocolID", "OtherClinicalTrialProtocolIDsSequence", "ClinicalTrialSiteID",
+    "ClinicalTrialSiteName", "IssuerOfClinicalTrialSiteID", "ClinicalTrialSubjectID",
+    "IssuerOfClinicalTrialSubjectID", "ClinicalTrialSubjectReadingID", "IssuerOfClinicalTrialSubjectReadingID",
+    "ClinicalTrialProtocolEthicsCommitteeName", "ClinicalTrialProtocolEthicsCommitteeApprovalNumber",
+    # General Study
+    "StudyDate", "StudyTime", "AccessionNumber", "IssuerOfAccessionNumberSequence", "ReferringPhysicianName",
+    "ReferringPhysicianIdentificationSequence", "ConsultingPhysicianName",
+    "ConsultingPhysicianIdentificationSequence", "StudyDescription", "ProcedureCodeSequence",
+    "PhysiciansOfRecord", "PhysiciansOfRecordIdentificationSequence", "NameOfPhysiciansReadingStudy",
+    "PhysiciansReadingStudyIdentificationSequence", "ReferencedStudySequence", "StudyInstanceUID", "StudyID",
+    "RequestingService", "RequestingServiceCodeSequence", "ReasonForPerformedProcedureCodeSequence",
+    # Patient Study
+    "AdmittingDiagnosesDescription", "AdmittingDiagnosesCodeSequence", "PatientAge", "PatientSize",
+    "PatientSizeCodeSequence", "PatientBodyMassIndex", "MeasuredAPDimension", "MeasuredLateralDimension",
+    "PatientWeight", "MedicalAlerts", "Allergies", "Occupation", "SmokingStatus", "AdditionalPatientHistory",
+    "PregnancyStatus", "LastMenstrualDate", "PatientSexNeutered", "ReasonForVisit", "ReasonForVisitCodeSequence",
+    "AdmissionID", "IssuerOfAdmissionIDSequence", "ServiceEpisodeID", "ServiceEpisodeDescription",
+    "IssuerOfServiceEpisodeIDSequence", "PatientState",
+    # Clinical Trial Study
+    "ClinicalTrialTimePointID", "ClinicalTrialTimePointDescription", "LongitudinalTemporalOffsetFromEvent",
+    "LongitudinalTemporalEventType", "ClinicalTrialTimePointTypeCodeSequence", "IssuerOfClinicalTrialTimePointID",
+    "ConsentForClinicalTrialUseSequence",
+)
+
+# DCM codes (PS3.16)
+_ARTIFICIAL_INTELLIGENCE = Code("123110", "DCM", "Artificial Intelligence")  # CID 7162
+_SEGMENTATION = Code("113076", "DCM", "Segmentation")  # CID 7203, derivation
+_SOURCE_IMAGE = Code("121322", "DCM", "Source image for image processing operation")  # CID 7202
+_ACQUISITION_EQUIPMENT = Code("109101", "DCM", "Acquisition Equipment")
+
+# per-frame elements written as encoded bytes (explicit VR little endian): pydicom's
+# validation of every value costs ~0.1 ms, and a SEG has thousands of them
+_DIMENSION_INDEX_VALUES = Tag(0x0020, 0x9157)
+_IMAGE_POSITION_PATIENT = Tag(0x0020, 0x0032)
+_REFERENCED_SOP_CLASS_UID = Tag(0x0008, 0x1150)
+_REFERENCED_SOP_INSTANCE_UID = Tag(0x0008, 0x1155)
+_SPATIAL_LOCATIONS_PRESERVED = Tag(0x0028, 0x135A)
+_REFERENCED_SEGMENT_NUMBER = Tag(0x0062, 0x000B)
+_CODE_VALUE, _CODING_SCHEME_DESIGNATOR, _CODE_MEANING = Tag(0x0008, 0x0100), Tag(0x0008, 0x0102), Tag(0x0008, 0x0104)
 
 
-def _coded(code: Code) -> hd.sr.CodedConcept:
-    return hd.sr.CodedConcept(value=code.value, scheme_designator=code.scheme, meaning=code.meaning)
+def _raw(tag: int, vr: str, value: bytes) -> RawDataElement:
+    """An element as its explicit-VR little-endian bytes, decoded by pydicom only when read."""
+    pad = b"\x00" if vr == "UI" else b" "
+    if len(value) % 2:
+        value += pad
+    return RawDataElement(Tag(tag), vr, len(value), value, 0, False, True)
 
 
-def cielab_color(rgb: tuple[int, int, int]) -> hd.color.CIELabColor:
-    """The table's sRGB colour as the CIELab value DICOM stores (RecommendedDisplayCIELabValue)."""
-    return hd.color.CIELabColor.from_rgb(*rgb)
+def _code_item(code: Code, raw: bool = False) -> Dataset:
+    """A Code Sequence item (Basic Coded Entry Attributes)."""
+    item = Dataset()
+    if raw:
+        item[_CODE_VALUE] = _raw(_CODE_VALUE, "SH", code.value.encode())
+        item[_CODING_SCHEME_DESIGNATOR] = _raw(_CODING_SCHEME_DESIGNATOR, "SH", code.scheme.encode())
+        item[_CODE_MEANING] = _raw(_CODE_MEANING, "LO", code.meaning.encode())
+    else:
+        item.CodeValue = code.value
+        item.CodingSchemeDesignator = code.scheme
+        item.CodeMeaning = code.meaning
+    return item
 
 
-def _segment_description(
-    number: int, definition: StructureDefinition, algorithm: hd.AlgorithmIdentificationSequence
-) -> hd.seg.SegmentDescription:
-    desc = hd.seg.SegmentDescription(
-        segment_number=number,
-        segment_label=definition.name,
-        segmented_property_category=_coded(definition.category),
-        segmented_property_type=_coded(definition.type),
-        algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC,
-        algorithm_identification=algorithm,
-        display_color=cielab_color(definition.rgb),
+def cielab_color(rgb: tuple[int, int, int]) -> tuple[int, int, int]:
+    """The table's sRGB colour as the value DICOM stores (RecommendedDisplayCIELabValue).
+
+    sRGB (D65) -> CIE XYZ -> CIE L*a*b*, then L* scaled from 0-100 and a*, b* from
+    -128-127 to 0-65535 (PS3.3 C.10.7.1.1), with the constants highdicom's
+    ``CIELabColor.from_rgb`` uses (tests check every table colour against it).
+    """
+
+    def linear(c: float) -> float:
+        c = c / 255.0
+        return ((c + 0.055) / 1.055) ** 2.4 if c > 0.04045 else c / 12.92
+
+    if not all(0 <= c <= 255 for c in rgb):
+        raise ValueError(f"RGB components must lie in 0-255, got {rgb}")
+    r, g, b = (linear(c) * 100 for c in rgb)
+    xyz = (
+        (r * 0.4124 + g * 0.3576 + b * 0.1805) / 95.047,
+        (r * 0.2126 + g * 0.7152 + b * 0.0722) / 100.0,
+        (r * 0.0193 + g * 0.1192 + b * 0.9505) / 108.883,
     )
+    fx, fy, fz = (c ** (1.0 / 3) if c >= 8.85645167903563082e-3 else (841.0 / 108.0) * c + (4.0 / 29.0) for c in xyz)
+    lab = (116 * fy - 16, 500 * (fx - fy), 200 * (fy - fz))
+    return (
+        int(round(lab[0] * 0xFFFF / 100.0)),
+        int(round((lab[1] + 128.0) * 0xFFFF / 255.0)),
+        int(round((lab[2] + 128.0) * 0xFFFF / 255.0)),
+    )
+
+
+def _segment_description(number: int, definition: StructureDefinition, algorithm: Dataset) -> Dataset:
+    """One Segment Sequence item (Segment Description Macro, PS3.3 C.8.20.2)."""
+    desc = Dataset()
+    desc.SegmentNumber = number
+    desc.SegmentLabel = definition.name
+    desc.SegmentedPropertyCategoryCodeSequence = [_code_item(definition.category)]
+    prop_type = _code_item(definition.type)
     lat = definition.laterality_code
     if lat is not None:
-        # highdicom has no argument for it: Segmented Property Type Modifier Code Sequence
-        # (0062,0011) is nested in the Segmented Property Type Code Sequence item, BCID 244.
-        desc.SegmentedPropertyTypeCodeSequence[0].SegmentedPropertyTypeModifierCodeSequence = DicomSequence(
-            [_coded(lat)]
-        )
+        # Segmented Property Type Modifier Code Sequence (0062,0011), nested in the
+        # Segmented Property Type Code Sequence item, BCID 244
+        prop_type.SegmentedPropertyTypeModifierCodeSequence = [_code_item(lat)]
+    desc.SegmentedPropertyTypeCodeSequence = [prop_type]
+    desc.SegmentAlgorithmType = "AUTOMATIC"
+    desc.SegmentAlgorithmName = algorithm.AlgorithmName
+    desc.SegmentationAlgorithmIdentificationSequence = [copy.deepcopy(algorithm)]
+    desc.RecommendedDisplayCIELabValue = list(cielab_color(definition.rgb))
     return desc
+
+
+def _algorithm_identification(name: str, version: str) -> Dataset:
+    """Algorithm Identification Macro item (family: Artificial Intelligence)."""
+    item = Dataset()
+    item.AlgorithmFamilyCodeSequence = [_code_item(_ARTIFICIAL_INTELLIGENCE)]
+    item.AlgorithmName = name
+    item.AlgorithmVersion = version
+    return item
+
+
+def _acquisition_equipment(ct: Dataset) -> Dataset | None:
+    """Contributing Equipment item for the scanner that acquired the CT (None without a Manufacturer)."""
+    manufacturer = ct.get("Manufacturer")
+    if not manufacturer:
+        return None
+    item = Dataset()
+    item.Manufacturer = manufacturer
+    for keyword in ("InstitutionName", "InstitutionAddress", "StationName", "InstitutionalDepartmentName",
+                    "ManufacturerModelName", "DeviceSerialNumber", "SoftwareVersions"):
+        if ct.get(keyword) is not None:
+            item[keyword] = copy.deepcopy(ct[keyword])
+    item.PurposeOfReferenceCodeSequence = [_code_item(_ACQUISITION_EQUIPMENT)]
+    when = ct.get("AcquisitionDateTime")
+    if when is None:
+        date, tm = ct.get("AcquisitionDate"), ct.get("AcquisitionTime")
+        if isinstance(date, datetime.date) and isinstance(tm, datetime.time):
+            when = datetime.datetime.combine(date, tm)
+    if when is not None:
+        item.ContributionDateTime = when
+    item.ContributionDescription = "Acquisition equipment of the source image(s)"
+    return item
 
 
 def _ordered_structures(masks: Mapping[str, np.ndarray], shape: tuple[int, ...]) -> list[StructureDefinition]:
@@ -91,6 +241,32 @@ def _ordered_structures(masks: Mapping[str, np.ndarray], shape: tuple[int, ...])
         if mask.shape != shape:
             raise ValueError(f"mask {name!r} has shape {mask.shape}, the volume has {shape} (k, j, i)")
     return [s for s in STRUCTURES if s.name in masks]
+
+
+def _slice_normal(iop: Sequence[float]) -> np.ndarray:
+    """Unit normal highdicom sorts planes along (``get_normal_vector`` with its volume index
+    convention: column cosines x row cosines, so that (normal, column, row) is right-handed)."""
+    row, col = np.asarray(iop[:3], float), np.asarray(iop[3:], float)
+    n = np.cross(col, row)
+    return n / np.linalg.norm(n)
+
+
+def _segments_overlap(masks: Sequence[np.ndarray]) -> bool:
+    """Whether any voxel is in two masks (checked only where their bounding boxes meet)."""
+    boxes = [bounding_box(m) for m in masks]
+    for a in range(len(masks)):
+        for b in range(a + 1, len(masks)):
+            if boxes[a] is None or boxes[b] is None:
+                continue
+            inter = tuple(slice(max(p.start, q.start), min(p.stop, q.stop)) for p, q in zip(boxes[a], boxes[b]))
+            if all(s.start < s.stop for s in inter) and np.logical_and(masks[a][inter], masks[b][inter]).any():
+                return True
+    return False
+
+
+def _ds_text(values: Sequence) -> bytes:
+    """A DS value as the CT wrote it when valid, else formatted (<= 16 characters each)."""
+    return "\\".join(format_number_as_ds(float(v)) for v in values).encode("ascii")
 
 
 def build_seg(
@@ -107,7 +283,7 @@ def build_seg(
     content_creator_name: str = DEFAULT_CONTENT_CREATOR,
     content_description: str = "Automatic head-and-neck segmentation",
     institution_name: str | None = None,
-) -> pydicom.Dataset:
+) -> Dataset:
     """A DICOM-SEG (BINARY, one segment per structure) of ``masks`` on the CT of ``volume``.
 
     Args:
@@ -123,9 +299,9 @@ def build_seg(
         series_number: SeriesNumber of the new SEG series.
 
     Returns:
-        A ``highdicom.seg.Segmentation`` (a ``pydicom.Dataset``) with fresh Series/SOP
-        Instance UIDs; patient and study attributes are copied from the CT.  Write it
-        with ``save_as``.
+        A ``pydicom.Dataset`` (Segmentation Storage, explicit VR little endian, with file
+        meta) with fresh Series/SOP Instance UIDs; patient and study attributes are copied
+        from the CT.  Write it with ``autocontour.rtstruct.write_dataset``.
 
     Raises:
         KeyError: a name is not in the structure table.
@@ -142,103 +318,49 @@ def build_seg(
             f"{len(volume.sop_instance_uids)} SOP instance UIDs; build it with build_volume"
         )
     defs = _ordered_structures(masks, shape)
-    algorithm = hd.AlgorithmIdentificationSequence(
-        name=algorithm_name, version=algorithm_version, family=codes.cid7162.ArtificialIntelligence
-    )
-    descriptions = [_segment_description(n, d, algorithm) for n, d in enumerate(defs, start=1)]
+    arrays = [masks[d.name] for d in defs]
+    ct = volume.datasets[0]
+    for text in (manufacturer, manufacturer_model_name, device_serial_number, algorithm_version,
+                 content_description, series_description, algorithm_name, institution_name or ""):
+        if len(text) > 64:
+            raise ValueError(f"{text!r} is longer than 64 characters (LO)")
 
-    # (frames, rows, cols, segments) in the volume's k order = the order of the source images.
-    # Stored segment-major and handed over as a transposed view: highdicom's per-frame
-    # reads (frame k, segment s) and its overlap check then run on contiguous memory
-    # (3-4x faster than a C-ordered 4D array on a 132x512x512 CT).
-    # Only slices holding some structure are passed to highdicom (and stacked: the full
-    # (S, K, R, C) stack of a 512 x 512 CT costs ~35 MB per structure); all slices are then
-    # referenced (see _reference_all_slices), so the SEG names the whole CT series.
-    occupied_any = np.zeros(shape[0], bool)
-    for d in defs:
-        occupied_any |= np.asarray(masks[d.name]).reshape(shape[0], -1).any(axis=1)
-    occupied = np.flatnonzero(occupied_any)
-    if occupied.size == 0:
-        logger.warning("all %d masks are empty; the SEG will hold one empty frame", len(defs))
-        occupied = np.array([0])
-    # filled in place, one block copy per run of consecutive occupied slices (fancy
-    # indexing and np.stack would copy every mask twice, np.take(out=) is slower still)
-    stacked = np.empty((len(defs), occupied.size, *shape[1:]), np.uint8)  # (S, F, R, C)
-    breaks = np.flatnonzero(np.diff(occupied) > 1) + 1
-    runs = [(int(r[0]), int(r[-1]) + 1) for r in np.split(occupied, breaks)]
-    for i, d in enumerate(defs):
-        m = np.asarray(masks[d.name]).view(np.uint8)
-        f = 0
-        for k0, k1 in runs:
-            stacked[i, f : f + k1 - k0] = m[k0:k1]
-            f += k1 - k0
-    pixels = np.moveaxis(stacked, 0, -1)  # (frames, R, C, S) view
-    source = [volume.datasets[k] for k in occupied]
+    # frames: segment by segment, each over its occupied slices in the order of the slice
+    # normal; plane positions are numbered over the slices that hold any structure
+    occupied = [m.reshape(shape[0], -1).any(axis=1) for m in arrays]
+    any_occupied = np.logical_or.reduce(occupied) if occupied else np.zeros(shape[0], bool)
+    positions = np.array([[float(v) for v in ds.ImagePositionPatient] for ds in volume.datasets])
+    distance = positions @ _slice_normal([float(v) for v in ct.ImageOrientationPatient])
+    planes = [int(k) for k in np.argsort(distance, kind="stable") if any_occupied[k]]
+    frames: list[tuple[int, int, int]] = []  # (segment index, slice k, plane position number)
+    if planes:
+        for s, occ in enumerate(occupied):
+            frames += [(s, k, p) for p, k in enumerate(planes, start=1) if occ[k]]
+    else:
+        # nothing to write: every segment gets one empty frame on the first slice
+        logger.warning("all %d masks are empty; the SEG will hold one empty frame per segment", len(defs))
+        planes = [0]
+        frames = [(s, 0, 1) for s in range(len(defs))]
 
-    seg = hd.seg.Segmentation(
-        source_images=source,
-        pixel_array=pixels,
-        segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
-        segment_descriptions=descriptions,
-        series_instance_uid=hd.UID(),
-        series_number=series_number,
-        sop_instance_uid=hd.UID(),
-        instance_number=1,
-        manufacturer=manufacturer,
-        manufacturer_model_name=manufacturer_model_name,
-        software_versions=algorithm_version,
-        device_serial_number=device_serial_number,
-        content_description=content_description,
-        content_creator_name=content_creator_name,
-        content_label=CONTENT_LABEL,
-        series_description=series_description,
-        institution_name=institution_name,
-        omit_empty_frames=True,
-        transfer_syntax_uid=pydicom.uid.ExplicitVRLittleEndian,
-    )
-    _reference_all_slices(seg, volume)
-    _fix_inherited_attributes(seg, volume)
-    logger.info(
-        "DICOM-SEG: %d segments, %d frames on %d CT slices (%.2f s)",
-        len(defs), int(seg.NumberOfFrames), shape[0], time.perf_counter() - t0,
-    )
-    return seg
-
-
-def _reference_all_slices(seg: Dataset, volume: Volume) -> None:
-    """Source Image Sequence and Referenced Series Sequence listing every CT slice, in k order.
-
-    highdicom lists the source images it was given (the occupied slices only); its
-    ``further_source_images`` would list the rest but re-checks each one against the IOD
-    tables (~4 ms a slice), so the same two sequences are written here directly.
-    """
-    refs = []
-    for ds in volume.datasets:
-        ref = Dataset()
-        ref.ReferencedSOPClassUID = ds.SOPClassUID
-        ref.ReferencedSOPInstanceUID = ds.SOPInstanceUID
-        refs.append(ref)
-    seg.SourceImageSequence = refs
-    series = Dataset()
-    series.SeriesInstanceUID = volume.series_instance_uid or volume.datasets[0].SeriesInstanceUID
-    series.ReferencedInstanceSequence = [copy.copy(r) for r in refs]
-    seg.ReferencedSeriesSequence = [series]
-
-
-def _fix_inherited_attributes(seg: Dataset, volume: Volume) -> None:
-    """Repair what highdicom copies verbatim from the CT headers and the standard forbids.
-
-    * SpacingBetweenSlices: copied from the first CT slice, where some scanners (Philips)
-      write a negative value; the Pixel Measures macro requires a positive one.  The
-      volume's measured slice step is exact for the SEG's frames, which lie on the CT's
-      slices.
-    * Referenced Study Sequence (General Study module, Type 3): anonymisation often
-      blanks its Referenced SOP Class UID, which is Type 1 inside the item; items that
-      are not complete are dropped.
-    """
-    measures = seg.SharedFunctionalGroupsSequence[0].PixelMeasuresSequence[0]
-    measures.SpacingBetweenSlices = DSfloat(float(volume.spacing[0]), auto_format=True)
+    now = datetime.datetime.now()
+    seg = Dataset()
+    # SOP Common
+    if "SpecificCharacterSet" in ct:  # our own text is ASCII: the CT's character set holds it
+        seg.SpecificCharacterSet = copy.deepcopy(ct.SpecificCharacterSet)
+    seg.SOPClassUID = SEGMENTATION_STORAGE
+    seg.SOPInstanceUID = generate_uid()
+    seg.InstanceCreationDate = now.strftime("%Y%m%d")
+    seg.InstanceCreationTime = now.strftime("%H%M%S.%f")
+    equipment = _acquisition_equipment(ct)
+    if equipment is not None:
+        seg.ContributingEquipmentSequence = [equipment]
+    # Patient, Clinical Trial Subject, General Study, Patient Study, Clinical Trial Study
+    for keyword in _PATIENT_STUDY_KEYWORDS:
+        if keyword in ct:
+            seg[keyword] = copy.deepcopy(ct[keyword])
     if "ReferencedStudySequence" in seg:
+        # anonymisation often blanks Referenced SOP Class UID (type 1 in the item): drop
+        # the items that are not complete
         kept = [
             item for item in seg.ReferencedStudySequence
             if item.get("ReferencedSOPClassUID") and item.get("ReferencedSOPInstanceUID")
@@ -247,6 +369,158 @@ def _fix_inherited_attributes(seg: Dataset, volume: Volume) -> None:
             seg.ReferencedStudySequence = kept
         else:
             del seg.ReferencedStudySequence
+    # General Series, Segmentation Series
+    seg.Modality = "SEG"
+    seg.SeriesInstanceUID = generate_uid()
+    seg.SeriesNumber = series_number
+    seg.SeriesDescription = series_description
+    # Frame of Reference
+    seg.FrameOfReferenceUID = volume.frame_of_reference_uid or ct.FrameOfReferenceUID
+    seg.PositionReferenceIndicator = ct.get("PositionReferenceIndicator", None)
+    # General Equipment, Enhanced General Equipment
+    seg.Manufacturer = manufacturer
+    seg.ManufacturerModelName = manufacturer_model_name
+    seg.DeviceSerialNumber = device_serial_number
+    seg.SoftwareVersions = algorithm_version
+    if institution_name is not None:
+        seg.InstitutionName = institution_name
+    # General Image, Segmentation Image, Image Pixel
+    seg.InstanceNumber = 1
+    seg.ContentDate = seg.InstanceCreationDate
+    seg.ContentTime = seg.InstanceCreationTime
+    seg.ImageType = ["DERIVED", "PRIMARY"]
+    seg.ContentLabel = CONTENT_LABEL
+    seg.ContentDescription = content_description
+    seg.ContentCreatorName = content_creator_name
+    seg.SegmentationType = "BINARY"
+    seg.SamplesPerPixel = 1
+    seg.PhotometricInterpretation = "MONOCHROME2"
+    seg.PresentationLUTShape = "IDENTITY"
+    seg.BitsAllocated = 1
+    seg.BitsStored = 1
+    seg.HighBit = 0
+    seg.PixelRepresentation = 0
+    seg.LossyImageCompression = ct.get("LossyImageCompression", "00")
+    if seg.LossyImageCompression == "01":
+        for keyword in ("LossyImageCompressionRatio", "LossyImageCompressionMethod"):
+            if keyword in ct:
+                seg[keyword] = copy.deepcopy(ct[keyword])
+    seg.Rows, seg.Columns = shape[1], shape[2]
+    algorithm = _algorithm_identification(algorithm_name, algorithm_version)
+    seg.SegmentSequence = [_segment_description(n, d, algorithm) for n, d in enumerate(defs, start=1)]
+    seg.SegmentsOverlap = "YES" if _segments_overlap(arrays) else "NO"
+    # Multi-frame Dimension: segment number, then plane position
+    organisation = generate_uid()
+    dims = []
+    for pointer, group, label in (
+        (0x0062000B, 0x0062000A, "Referenced Segment Number"),
+        (0x00200032, 0x00209113, "Image Position Patient"),
+    ):
+        dim = Dataset()
+        dim.DimensionOrganizationUID = organisation
+        dim.DimensionIndexPointer = pointer
+        dim.FunctionalGroupPointer = group
+        dim.DimensionDescriptionLabel = label
+        dims.append(dim)
+    seg.DimensionIndexSequence = dims
+    org = Dataset()
+    org.DimensionOrganizationUID = organisation
+    seg.DimensionOrganizationSequence = [org]
+    # Shared functional groups: the CT's plane orientation and pixel measures
+    shared = Dataset()
+    orientation = Dataset()
+    orientation.ImageOrientationPatient = copy.deepcopy(ct.ImageOrientationPatient)
+    shared.PlaneOrientationSequence = [orientation]
+    measures = Dataset()
+    if "SliceThickness" in ct:
+        measures.SliceThickness = copy.deepcopy(ct.SliceThickness)
+    # the measured slice step (the CT's own SpacingBetweenSlices may be negative, e.g.
+    # Philips, which the Pixel Measures macro forbids); exact for frames on the CT's slices
+    measures.SpacingBetweenSlices = DSfloat(float(volume.spacing[0]), auto_format=True)
+    measures.PixelSpacing = copy.deepcopy(ct.PixelSpacing)
+    shared.PixelMeasuresSequence = [measures]
+    seg.SharedFunctionalGroupsSequence = [shared]
+    # Per-frame functional groups
+    seg.PerFrameFunctionalGroupsSequence = DicomSequence(_per_frame_items(volume, frames))
+    seg.NumberOfFrames = len(frames)
+    # every CT slice is referenced, in k order (the frames reference theirs one by one)
+    _reference_all_slices(seg, volume)
+
+    # Pixel data: frames back to back, 1 bit per pixel, little-endian bit order
+    if (shape[1] * shape[2]) % 8 == 0:  # whole bytes per frame: pack frame by frame, in place
+        packed_frames = np.empty((len(frames), shape[1] * shape[2] // 8), np.uint8)
+        for f, (s, k, _) in enumerate(frames):
+            packed_frames[f] = np.packbits(arrays[s][k], axis=None, bitorder="little")
+        packed = packed_frames.tobytes()
+    else:  # a frame ends inside a byte: the next one starts at the following bit
+        bits = np.empty((len(frames), shape[1], shape[2]), bool)
+        for f, (s, k, _) in enumerate(frames):
+            bits[f] = arrays[s][k]
+        packed = np.packbits(bits, axis=None, bitorder="little").tobytes()
+    if len(packed) % 2:
+        packed += b"\x00"
+    seg.add(DataElement(0x7FE00010, "OB", packed))
+
+    seg.preamble = b"\x00" * 128  # a Part 10 file also with plain save_as()
+    seg.file_meta = FileMetaDataset()
+    seg.file_meta.MediaStorageSOPClassUID = seg.SOPClassUID
+    seg.file_meta.MediaStorageSOPInstanceUID = seg.SOPInstanceUID
+    seg.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    validate_file_meta(seg.file_meta, enforce_standard=True)  # version and implementation UID
+    seg.file_meta.FileMetaInformationGroupLength = 0  # the length is computed when written
+    logger.info(
+        "DICOM-SEG: %d segments, %d frames on %d CT slices (%.2f s)",
+        len(defs), len(frames), shape[0], time.perf_counter() - t0,
+    )
+    return seg
+
+
+def _per_frame_items(volume: Volume, frames: Sequence[tuple[int, int, int]]) -> list[Dataset]:
+    """Per-Frame Functional Groups items: frame content, plane position, derivation, segment."""
+    position_text: dict[int, bytes] = {}
+    items = []
+    for s, k, p in frames:
+        ct = volume.datasets[k]
+        if k not in position_text:
+            position_text[k] = _ds_text(ct.ImagePositionPatient)
+        content = Dataset()
+        content[_DIMENSION_INDEX_VALUES] = _raw(_DIMENSION_INDEX_VALUES, "UL", np.array([s + 1, p], "<u4").tobytes())
+        position = Dataset()
+        position[_IMAGE_POSITION_PATIENT] = _raw(_IMAGE_POSITION_PATIENT, "DS", position_text[k])
+        source = Dataset()
+        source[_REFERENCED_SOP_CLASS_UID] = _raw(_REFERENCED_SOP_CLASS_UID, "UI", str(ct.SOPClassUID).encode())
+        source[_REFERENCED_SOP_INSTANCE_UID] = _raw(
+            _REFERENCED_SOP_INSTANCE_UID, "UI", volume.sop_instance_uids[k].encode()
+        )
+        source[_SPATIAL_LOCATIONS_PRESERVED] = _raw(_SPATIAL_LOCATIONS_PRESERVED, "CS", b"YES")
+        source.PurposeOfReferenceCodeSequence = [_code_item(_SOURCE_IMAGE, raw=True)]
+        derivation = Dataset()
+        derivation.DerivationCodeSequence = [_code_item(_SEGMENTATION, raw=True)]
+        derivation.SourceImageSequence = [source]
+        segment = Dataset()
+        segment[_REFERENCED_SEGMENT_NUMBER] = _raw(_REFERENCED_SEGMENT_NUMBER, "US", np.array([s + 1], "<u2").tobytes())
+        item = Dataset()
+        item.DerivationImageSequence = [derivation]
+        item.FrameContentSequence = [content]
+        item.PlanePositionSequence = [position]
+        item.SegmentIdentificationSequence = [segment]
+        items.append(item)
+    return items
+
+
+def _reference_all_slices(seg: Dataset, volume: Volume) -> None:
+    """Source Image Sequence and Referenced Series Sequence listing every CT slice, in k order."""
+    refs = []
+    for ds, uid in zip(volume.datasets, volume.sop_instance_uids):
+        ref = Dataset()
+        ref[_REFERENCED_SOP_CLASS_UID] = _raw(_REFERENCED_SOP_CLASS_UID, "UI", str(ds.SOPClassUID).encode())
+        ref[_REFERENCED_SOP_INSTANCE_UID] = _raw(_REFERENCED_SOP_INSTANCE_UID, "UI", uid.encode())
+        refs.append(ref)
+    seg.SourceImageSequence = refs
+    series = Dataset()
+    series.SeriesInstanceUID = volume.series_instance_uid or volume.datasets[0].SeriesInstanceUID
+    series.ReferencedInstanceSequence = [copy.copy(r) for r in refs]
+    seg.ReferencedSeriesSequence = [series]
 
 
 def _frame_group(ds: Dataset, index: int, name: str) -> Dataset | None:
@@ -333,6 +607,8 @@ def read_seg_masks(ds: Dataset, volume: Volume) -> dict[str, np.ndarray]:
             f"SEG frame of reference {seg_for} differs from the CT's {volume.frame_of_reference_uid}: "
             "the segmentation was not made on this CT"
         )
+    import highdicom as hd
+
     seg = ds if isinstance(ds, hd.seg.Segmentation) else hd.seg.Segmentation.from_dataset(ds, copy=True)
     labels = _unique_labels(seg)
     numbers = list(labels)

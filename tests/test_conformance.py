@@ -294,7 +294,7 @@ def test_seg_segments_follow_the_table_and_match_rtstruct_colours(case, written)
         lat = definition.laterality_code
         assert (modifier is None) if lat is None else [m.CodeValue for m in modifier] == [lat.value]
         lab = [int(v) for v in item.RecommendedDisplayCIELabValue]
-        assert lab == list(cielab_color(definition.rgb).value), item.SegmentLabel
+        assert lab == list(cielab_color(definition.rgb)), item.SegmentLabel
         rgb = hd.color.CIELabColor.from_dicom_value(lab).to_rgb()
         assert rgb == definition.rgb == rts_colour[item.SegmentLabel], item.SegmentLabel
 

@@ -199,14 +199,184 @@ def test_segments_follow_the_table(written) -> None:
         assert algo.AlgorithmName == "autocontour-test" and algo.AlgorithmVersion == "1.2.3"
         assert algo.AlgorithmFamilyCodeSequence[0].CodeMeaning == "Artificial Intelligence"
         lab = [int(v) for v in item.RecommendedDisplayCIELabValue]
-        assert lab == list(cielab_color(definition.rgb).value)
+        assert lab == list(cielab_color(definition.rgb))
         assert hd.color.CIELabColor.from_dicom_value(lab).to_rgb() == definition.rgb
 
 
 def test_table_colours_round_trip_through_cielab() -> None:
     for definition in STRUCTURES:
-        stored = cielab_color(definition.rgb).value
+        stored = cielab_color(definition.rgb)
         assert hd.color.CIELabColor.from_dicom_value(list(stored)).to_rgb() == definition.rgb, definition.name
+
+
+@pytest.mark.parametrize("rgb", [s.rgb for s in STRUCTURES] + [(0, 0, 0), (255, 255, 255), (1, 2, 3), (10, 200, 90)])
+def test_cielab_equals_highdicoms(rgb) -> None:
+    assert cielab_color(rgb) == hd.color.CIELabColor.from_rgb(*rgb).value
+
+
+# ----------------------------------------------------------------- highdicom as the oracle
+# The writer builds the IOD with pydicom (highdicom's constructor took ~2 s per CT); these
+# tests build the same SEG with highdicom.seg.Segmentation, as the writer did before, and
+# require both files to hold the same elements with the same values.
+
+# what legitimately differs between two SEGs of the same masks
+_ORACLE_IGNORED = {
+    "SOPInstanceUID", "SeriesInstanceUID", "DimensionOrganizationUID", "MediaStorageSOPInstanceUID",
+    "InstanceCreationDate", "InstanceCreationTime", "ContentDate", "ContentTime",
+    "ImplementationClassUID", "ImplementationVersionName", "FileMetaInformationGroupLength",
+}
+
+
+def _highdicom_seg(volume: Volume, masks: dict[str, np.ndarray]) -> hd.seg.Segmentation:
+    """The SEG as highdicom writes it, with the writer's documented additions (every CT
+    slice referenced, the measured slice step, incomplete Referenced Study items dropped)."""
+    from pydicom.sr.codedict import codes
+
+    defs = [s for s in STRUCTURES if s.name in masks]
+    algorithm = hd.AlgorithmIdentificationSequence(
+        name="autocontour-test", version="1.2.3", family=codes.cid7162.ArtificialIntelligence
+    )
+    descriptions = []
+    for n, d in enumerate(defs, start=1):
+        desc = hd.seg.SegmentDescription(
+            segment_number=n, segment_label=d.name,
+            segmented_property_category=hd.sr.CodedConcept(d.category.value, d.category.scheme, d.category.meaning),
+            segmented_property_type=hd.sr.CodedConcept(d.type.value, d.type.scheme, d.type.meaning),
+            algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC, algorithm_identification=algorithm,
+            display_color=hd.color.CIELabColor.from_rgb(*d.rgb),
+        )
+        if d.laterality_code is not None:
+            lat = d.laterality_code
+            desc.SegmentedPropertyTypeCodeSequence[0].SegmentedPropertyTypeModifierCodeSequence = [
+                hd.sr.CodedConcept(lat.value, lat.scheme, lat.meaning)
+            ]
+        descriptions.append(desc)
+    occupied = np.flatnonzero(np.logical_or.reduce([m.reshape(m.shape[0], -1).any(1) for m in masks.values()]))
+    if occupied.size == 0:
+        occupied = np.array([0])
+    pixels = np.stack([np.stack([masks[d.name][k] for d in defs], axis=-1) for k in occupied]).astype(np.uint8)
+    seg = hd.seg.Segmentation(
+        source_images=[volume.datasets[k] for k in occupied], pixel_array=pixels,
+        segmentation_type=hd.seg.SegmentationTypeValues.BINARY, segment_descriptions=descriptions,
+        series_instance_uid=hd.UID(), series_number=902, sop_instance_uid=hd.UID(), instance_number=1,
+        manufacturer="autocontour", manufacturer_model_name="autocontour head-and-neck auto-segmentation",
+        software_versions="1.2.3", device_serial_number="1",
+        content_description="Automatic head-and-neck segmentation", content_creator_name="AUTOCONTOUR^",
+        content_label=CONTENT_LABEL, series_description="AI contours (test)", omit_empty_frames=True,
+        transfer_syntax_uid=ExplicitVRLittleEndian,
+    )
+    refs = []
+    for ds in volume.datasets:
+        ref = Dataset()
+        ref.ReferencedSOPClassUID = ds.SOPClassUID
+        ref.ReferencedSOPInstanceUID = ds.SOPInstanceUID
+        refs.append(ref)
+    seg.SourceImageSequence = refs
+    series = Dataset()
+    series.SeriesInstanceUID = volume.series_instance_uid
+    series.ReferencedInstanceSequence = refs
+    seg.ReferencedSeriesSequence = [series]
+    measures = seg.SharedFunctionalGroupsSequence[0].PixelMeasuresSequence[0]
+    measures.SpacingBetweenSlices = pydicom.valuerep.DSfloat(float(volume.spacing[0]), auto_format=True)
+    if "ReferencedStudySequence" in seg:
+        kept = [i for i in seg.ReferencedStudySequence if i.get("ReferencedSOPClassUID")]
+        if kept:
+            seg.ReferencedStudySequence = kept
+        else:
+            del seg.ReferencedStudySequence
+    # highdicom names itself as contributing equipment; our writer is not highdicom
+    seg.ContributingEquipmentSequence = seg.ContributingEquipmentSequence[:-1]
+    if not seg.ContributingEquipmentSequence:
+        del seg.ContributingEquipmentSequence
+    return seg
+
+
+def _differences(ours: Dataset, theirs: Dataset, path: str = "") -> list[str]:
+    """Element-by-element differences of two datasets read from files (values compared as
+    numbers for DS/IS, as text otherwise; sequences item by item)."""
+    out = []
+    tags = {e.tag for e in ours if e.keyword not in _ORACLE_IGNORED}
+    tags |= {e.tag for e in theirs if e.keyword not in _ORACLE_IGNORED}
+    for tag in sorted(tags):
+        a, b = ours.get(tag), theirs.get(tag)
+        name = f"{path}{(a or b).keyword or tag}"
+        if a is None or b is None:
+            out.append(f"{name}: only in {'highdicom' if a is None else 'ours'}")
+        elif a.VR != b.VR:
+            out.append(f"{name}: VR {a.VR} vs {b.VR}")
+        elif a.VR == "SQ":
+            if len(a.value) != len(b.value):
+                out.append(f"{name}: {len(a.value)} vs {len(b.value)} items")
+            else:
+                for i, (x, y) in enumerate(zip(a.value, b.value)):
+                    out += _differences(x, y, f"{name}[{i}].")
+        elif a.keyword == "PixelData":
+            # the bits of every frame; the byte that pads the data to an even length may differ
+            n_bytes = -(-int(ours.NumberOfFrames) * ours.Rows * ours.Columns // 8)
+            if a.value[:n_bytes] != b.value[:n_bytes] or len(a.value) != len(b.value):
+                out.append(f"{name}: the frames' bits differ")
+        elif a.VR in ("DS", "IS"):
+            va = [float(v) for v in (a.value if a.VM > 1 else [a.value] if a.VM else [])]
+            vb = [float(v) for v in (b.value if b.VM > 1 else [b.value] if b.VM else [])]
+            if va != vb:
+                out.append(f"{name}: {a.value!r} vs {b.value!r}")
+        elif a.value != b.value:
+            out.append(f"{name}: {str(a.value)[:80]!r} vs {str(b.value)[:80]!r}")
+    return out
+
+
+def _same_as_highdicom(volume: Volume, masks: dict[str, np.ndarray], tmp: Path) -> list[str]:
+    _build(volume, masks).save_as(tmp / "ours.dcm")
+    _highdicom_seg(volume, masks).save_as(tmp / "highdicom.dcm")
+    ours, theirs = pydicom.dcmread(tmp / "ours.dcm"), pydicom.dcmread(tmp / "highdicom.dcm")
+    return _differences(ours.file_meta, theirs.file_meta) + _differences(ours, theirs)
+
+
+@pytest.mark.parametrize("orientation", list(ORIENTATIONS))
+def test_same_elements_as_highdicom(orientation, tmp_path) -> None:
+    assert _same_as_highdicom(_volume(ORIENTATIONS[orientation]), _masks(), tmp_path) == []
+
+
+def test_same_elements_as_highdicom_all_empty(tmp_path) -> None:
+    masks = {"Brainstem": np.zeros(SHAPE, bool), "PTV_High": np.zeros(SHAPE, bool)}
+    assert _same_as_highdicom(_volume(ORIENTATIONS["HFS"]), masks, tmp_path) == []
+
+
+def test_same_elements_as_highdicom_without_overlap(tmp_path) -> None:
+    masks = _masks()
+    masks["PTV_High"] &= ~masks["Parotid_L"]
+    masks["SpinalCord"] &= ~(masks["PTV_High"] | masks["Parotid_L"] | masks["Parotid_R"])
+    assert _same_as_highdicom(_volume(ORIENTATIONS["FFS"]), masks, tmp_path) == []
+
+
+@pytest.mark.slow
+def test_same_elements_as_highdicom_on_a_real_ct(shared_data, tmp_path) -> None:
+    """hn-chus-052's own headers (patient-study, de-identification, contributing equipment)."""
+    from autocontour.ct_volume import build_volume
+    from autocontour.series_selection import SelectionRules, scan_folder, select_series
+
+    folder = shared_data / "hn-chus-052" / "CT"
+    volume = build_volume(select_series(scan_folder(folder)[0], SelectionRules(), folder))
+    shape = volume.array.shape
+    k, j, i = np.ogrid[: shape[0], : shape[1], : shape[2]]
+    ball = (((k - 60) / 8.0) ** 2 + ((j - 250) / 40.0) ** 2 + ((i - 200) / 30.0) ** 2) < 1
+    masks = {"Parotid_L": ball, "PTV_High": np.roll(ball, 25, axis=2), "Brainstem": np.roll(ball, 9, axis=0)}
+    assert _same_as_highdicom(volume, masks, tmp_path) == []
+
+
+def test_patient_study_keywords_match_highdicoms_tables() -> None:
+    """The writer's copy list is what highdicom derives from the standard for the CT Image IOD."""
+    from highdicom._standard_utils import get_iod_module_map, get_module_attribute_map, get_sop_class_iod_map
+
+    from autocontour.dicom_seg import _PATIENT_STUDY_KEYWORDS
+
+    iod = get_sop_class_iod_map()[CTImageStorage]
+    modules = get_module_attribute_map()
+    expected = [
+        a["keyword"] for m in get_iod_module_map()[iod] if m["ie"] in ("Patient", "Study")
+        for a in modules[m["key"]] if not a["path"]
+    ]
+    assert list(_PATIENT_STUDY_KEYWORDS) == expected
 
 
 def test_series_and_content_attributes(written) -> None:
