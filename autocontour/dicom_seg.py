@@ -45,13 +45,14 @@ from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING
 
 import numpy as np
-from pydicom.dataelem import DataElement, RawDataElement
+from pydicom.dataelem import DataElement
 from pydicom.dataset import Dataset, FileMetaDataset, validate_file_meta
 from pydicom.sequence import Sequence as DicomSequence
 from pydicom.tag import Tag
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 from pydicom.valuerep import DSfloat, format_number_as_ds
 
+from autocontour.dicom_elements import raw_element, raw_text, raw_uint
 from autocontour.postprocess import bounding_box
 from autocontour.structures import STRUCTURES, Code, StructureDefinition, structure
 from autocontour.volume import Volume
@@ -119,7 +120,7 @@ _SEGMENTATION = Code("113076", "DCM", "Segmentation")  # CID 7203, derivation
 _SOURCE_IMAGE = Code("121322", "DCM", "Source image for image processing operation")  # CID 7202
 _ACQUISITION_EQUIPMENT = Code("109101", "DCM", "Acquisition Equipment")
 
-# per-frame elements written as encoded bytes (explicit VR little endian): pydicom's
+# per-frame elements are written as encoded bytes (``autocontour.dicom_elements``): pydicom's
 # validation of every value costs ~0.1 ms, and a SEG has thousands of them
 _DIMENSION_INDEX_VALUES = Tag(0x0020, 0x9157)
 _IMAGE_POSITION_PATIENT = Tag(0x0020, 0x0032)
@@ -130,21 +131,13 @@ _REFERENCED_SEGMENT_NUMBER = Tag(0x0062, 0x000B)
 _CODE_VALUE, _CODING_SCHEME_DESIGNATOR, _CODE_MEANING = Tag(0x0008, 0x0100), Tag(0x0008, 0x0102), Tag(0x0008, 0x0104)
 
 
-def _raw(tag: int, vr: str, value: bytes) -> RawDataElement:
-    """An element as its explicit-VR little-endian bytes, decoded by pydicom only when read."""
-    pad = b"\x00" if vr == "UI" else b" "
-    if len(value) % 2:
-        value += pad
-    return RawDataElement(Tag(tag), vr, len(value), value, 0, False, True)
-
-
 def _code_item(code: Code, raw: bool = False) -> Dataset:
     """A Code Sequence item (Basic Coded Entry Attributes)."""
     item = Dataset()
     if raw:
-        item[_CODE_VALUE] = _raw(_CODE_VALUE, "SH", code.value.encode())
-        item[_CODING_SCHEME_DESIGNATOR] = _raw(_CODING_SCHEME_DESIGNATOR, "SH", code.scheme.encode())
-        item[_CODE_MEANING] = _raw(_CODE_MEANING, "LO", code.meaning.encode())
+        item[_CODE_VALUE] = raw_text(_CODE_VALUE, "SH", code.value)
+        item[_CODING_SCHEME_DESIGNATOR] = raw_text(_CODING_SCHEME_DESIGNATOR, "SH", code.scheme)
+        item[_CODE_MEANING] = raw_text(_CODE_MEANING, "LO", code.meaning)
     else:
         item.CodeValue = code.value
         item.CodingSchemeDesignator = code.scheme
@@ -484,21 +477,19 @@ def _per_frame_items(volume: Volume, frames: Sequence[tuple[int, int, int]]) -> 
         if k not in position_text:
             position_text[k] = _ds_text(ct.ImagePositionPatient)
         content = Dataset()
-        content[_DIMENSION_INDEX_VALUES] = _raw(_DIMENSION_INDEX_VALUES, "UL", np.array([s + 1, p], "<u4").tobytes())
+        content[_DIMENSION_INDEX_VALUES] = raw_uint(_DIMENSION_INDEX_VALUES, "UL", (s + 1, p))
         position = Dataset()
-        position[_IMAGE_POSITION_PATIENT] = _raw(_IMAGE_POSITION_PATIENT, "DS", position_text[k])
+        position[_IMAGE_POSITION_PATIENT] = raw_element(_IMAGE_POSITION_PATIENT, "DS", position_text[k])
         source = Dataset()
-        source[_REFERENCED_SOP_CLASS_UID] = _raw(_REFERENCED_SOP_CLASS_UID, "UI", str(ct.SOPClassUID).encode())
-        source[_REFERENCED_SOP_INSTANCE_UID] = _raw(
-            _REFERENCED_SOP_INSTANCE_UID, "UI", volume.sop_instance_uids[k].encode()
-        )
-        source[_SPATIAL_LOCATIONS_PRESERVED] = _raw(_SPATIAL_LOCATIONS_PRESERVED, "CS", b"YES")
+        source[_REFERENCED_SOP_CLASS_UID] = raw_text(_REFERENCED_SOP_CLASS_UID, "UI", str(ct.SOPClassUID))
+        source[_REFERENCED_SOP_INSTANCE_UID] = raw_text(_REFERENCED_SOP_INSTANCE_UID, "UI", volume.sop_instance_uids[k])
+        source[_SPATIAL_LOCATIONS_PRESERVED] = raw_text(_SPATIAL_LOCATIONS_PRESERVED, "CS", "YES")
         source.PurposeOfReferenceCodeSequence = [_code_item(_SOURCE_IMAGE, raw=True)]
         derivation = Dataset()
         derivation.DerivationCodeSequence = [_code_item(_SEGMENTATION, raw=True)]
         derivation.SourceImageSequence = [source]
         segment = Dataset()
-        segment[_REFERENCED_SEGMENT_NUMBER] = _raw(_REFERENCED_SEGMENT_NUMBER, "US", np.array([s + 1], "<u2").tobytes())
+        segment[_REFERENCED_SEGMENT_NUMBER] = raw_uint(_REFERENCED_SEGMENT_NUMBER, "US", (s + 1,))
         item = Dataset()
         item.DerivationImageSequence = [derivation]
         item.FrameContentSequence = [content]
@@ -513,8 +504,8 @@ def _reference_all_slices(seg: Dataset, volume: Volume) -> None:
     refs = []
     for ds, uid in zip(volume.datasets, volume.sop_instance_uids):
         ref = Dataset()
-        ref[_REFERENCED_SOP_CLASS_UID] = _raw(_REFERENCED_SOP_CLASS_UID, "UI", str(ds.SOPClassUID).encode())
-        ref[_REFERENCED_SOP_INSTANCE_UID] = _raw(_REFERENCED_SOP_INSTANCE_UID, "UI", uid.encode())
+        ref[_REFERENCED_SOP_CLASS_UID] = raw_text(_REFERENCED_SOP_CLASS_UID, "UI", str(ds.SOPClassUID))
+        ref[_REFERENCED_SOP_INSTANCE_UID] = raw_text(_REFERENCED_SOP_INSTANCE_UID, "UI", uid)
         refs.append(ref)
     seg.SourceImageSequence = refs
     series = Dataset()

@@ -33,7 +33,6 @@ from pathlib import Path
 import numpy as np
 import pydicom
 from pydicom.charset import convert_encodings
-from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.sequence import Sequence as DicomSequence
 from pydicom.tag import Tag
@@ -42,6 +41,7 @@ from pydicom.valuerep import format_number_as_ds
 from skimage.draw import polygon as fill_polygon
 from skimage.measure import find_contours
 
+from autocontour.dicom_elements import format_ds_array, raw_text
 from autocontour.errors import GeometryError, OutputError
 from autocontour.postprocess import bounding_box
 from autocontour.structures import StructureDefinition, structure
@@ -367,7 +367,8 @@ def build_rtstruct(
         roi_contour = Dataset()
         roi_contour.ROIDisplayColor = list(definition.rgb)
         roi_contour.ReferencedROINumber = number
-        contours = _contour_items(np.asarray(masks[name]) != 0, volume, slice_z, slice_refs)
+        mask = np.asarray(masks[name])
+        contours = _contour_items(mask if mask.dtype == np.bool_ else mask != 0, volume, slice_z, slice_refs)
         if contours:
             roi_contour.ContourSequence = DicomSequence(contours)
             logger.info("RTSTRUCT ROI %d %s: %d contours", number, definition.name, len(contours))
@@ -426,37 +427,34 @@ def _contour_items(
     for k in range(box[0].start, box[0].stop):
         if not crop[k].any():
             continue
+        ref_class = str(slice_refs[k].ReferencedSOPClassUID)
+        ref_uid = str(slice_refs[k].ReferencedSOPInstanceUID)
+        # every point exactly on the slice's plane: (x, y) formatted, z the slice's own text
+        point_text = "{}\\{}\\" + slice_z[k]
         for points in mask_to_contours(crop[k], volume.affine, k, origin_rc):
-            xy = [format_ds(v) for v in points[:, :2].ravel()]
-            z = slice_z[k]  # every point exactly on the slice's plane
-            data = [v for x, y in zip(xy[0::2], xy[1::2]) for v in (x, y, z)]
-            item = Dataset()
+            xy = format_ds_array(points[:, :2])
+            data = "\\".join(map(point_text.format, xy[0::2], xy[1::2]))
             ref = Dataset()
-            ref.ReferencedSOPClassUID = slice_refs[k].ReferencedSOPClassUID
-            ref.ReferencedSOPInstanceUID = slice_refs[k].ReferencedSOPInstanceUID
+            ref[_REFERENCED_SOP_CLASS_UID] = raw_text(_REFERENCED_SOP_CLASS_UID, "UI", ref_class)
+            ref[_REFERENCED_SOP_INSTANCE_UID] = raw_text(_REFERENCED_SOP_INSTANCE_UID, "UI", ref_uid)
+            item = Dataset()
             item.ContourImageSequence = DicomSequence([ref])
-            item.ContourGeometricType = "CLOSED_PLANAR"
-            item.NumberOfContourPoints = len(points)
-            item.ContourNumber = len(items) + 1
-            item[CONTOUR_DATA] = _raw_ds(data)
+            item[_CONTOUR_GEOMETRIC_TYPE] = raw_text(_CONTOUR_GEOMETRIC_TYPE, "CS", "CLOSED_PLANAR")
+            item[_NUMBER_OF_CONTOUR_POINTS] = raw_text(_NUMBER_OF_CONTOUR_POINTS, "IS", str(len(points)))
+            item[_CONTOUR_NUMBER] = raw_text(_CONTOUR_NUMBER, "IS", str(len(items) + 1))
+            # ContourData as its encoded bytes: the strings are valid DS already, and letting
+            # pydicom convert and validate tens of thousands of values costs seconds
+            item[CONTOUR_DATA] = raw_text(CONTOUR_DATA, "DS", data)
             items.append(item)
     return items
 
 
 CONTOUR_DATA = Tag(0x3006, 0x0050)
-
-
-def _raw_ds(values: Sequence[str]) -> RawDataElement:
-    """ContourData as its encoded bytes (explicit VR little endian).
-
-    The strings are already valid DS (``format_ds``); letting pydicom convert and validate
-    each of tens of thousands of values costs seconds per RTSTRUCT.  The element is decoded
-    like any element read from a file when it is accessed.
-    """
-    raw = "\\".join(values).encode("ascii")
-    if len(raw) % 2:
-        raw += b" "
-    return RawDataElement(CONTOUR_DATA, "DS", len(raw), raw, 0, False, True)
+_CONTOUR_GEOMETRIC_TYPE = Tag(0x3006, 0x0042)
+_NUMBER_OF_CONTOUR_POINTS = Tag(0x3006, 0x0046)
+_CONTOUR_NUMBER = Tag(0x3006, 0x0048)
+_REFERENCED_SOP_CLASS_UID = Tag(0x0008, 0x1150)
+_REFERENCED_SOP_INSTANCE_UID = Tag(0x0008, 0x1155)
 
 
 def write_dataset(ds: Dataset, path: str | Path) -> Path:

@@ -1,0 +1,79 @@
+"""Raw (pre-encoded) data elements: the same values pydicom would write and read back."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pydicom
+import pytest
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.uid import ExplicitVRLittleEndian
+
+from autocontour.dicom_elements import format_ds_array, raw_text, raw_uint
+from autocontour.rtstruct import format_ds
+
+
+def _round_trip(ds: Dataset) -> Dataset:
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds.file_meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.66.4"
+    ds.file_meta.MediaStorageSOPInstanceUID = "1.2.3"
+    buf = io.BytesIO()
+    ds.save_as(buf, enforce_file_format=True)
+    buf.seek(0)
+    return pydicom.dcmread(buf)
+
+
+def test_format_ds_array_equals_format_ds_value_by_value() -> None:
+    rng = np.random.default_rng(3)
+    values = np.concatenate([
+        rng.uniform(-600, 600, 20000),
+        np.round(rng.uniform(-600, 600, 2000), 4),  # exact ties at the 4th decimal
+        [0.0, -0.0, -0.0001, -0.0004999, -0.0005, -0.0006, 0.0005, 0.0015, 2.0005, -2.0005, 1e10, -1e10],
+    ])
+    assert format_ds_array(values) == [format_ds(v) for v in values]
+
+
+def test_format_ds_array_has_no_negative_zero_and_fits_16_chars() -> None:
+    out = format_ds_array(np.array([-0.0, -1e-9, -0.00049, 99999999999.0 - 1]))
+    assert out[:3] == ["0.000"] * 3
+    assert all(len(t) <= 16 for t in out)
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf, 1e11])
+def test_format_ds_array_refuses_what_ds_cannot_hold(bad) -> None:
+    with pytest.raises(ValueError):
+        format_ds_array(np.array([1.0, bad]))
+
+
+@pytest.mark.parametrize(
+    "keyword, vr, value, expected",
+    [
+        ("ReferencedSOPInstanceUID", "UI", "1.2.3.45", "1.2.3.45"),  # odd length: NUL padded
+        ("ReferencedSOPInstanceUID", "UI", "1.2.3.4", "1.2.3.4"),
+        ("ContourGeometricType", "CS", "CLOSED_PLANAR", "CLOSED_PLANAR"),
+        ("NumberOfContourPoints", "IS", "123", 123),
+        ("ImagePositionPatient", "DS", ["-300", "-230.5", "12"], [-300.0, -230.5, 12.0]),
+    ],
+)
+def test_raw_text_reads_back_as_the_value(keyword, vr, value, expected) -> None:
+    ds = Dataset()
+    tag = pydicom.datadict.tag_for_keyword(keyword)
+    ds[tag] = raw_text(tag, vr, value)
+    back = _round_trip(ds)[keyword]
+    assert back.VR == vr
+    if isinstance(expected, list):
+        assert [float(v) for v in back.value] == expected
+    else:
+        assert back.value == expected
+
+
+@pytest.mark.parametrize("keyword, vr, values", [("DimensionIndexValues", "UL", [3, 70000]),
+                                                ("ReferencedSegmentNumber", "US", [7])])
+def test_raw_uint_reads_back_as_the_value(keyword, vr, values) -> None:
+    ds = Dataset()
+    tag = pydicom.datadict.tag_for_keyword(keyword)
+    ds[tag] = raw_uint(tag, vr, values)
+    back = _round_trip(ds)[keyword].value
+    assert (list(back) if len(values) > 1 else [back]) == values
