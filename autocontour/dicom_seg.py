@@ -114,6 +114,13 @@ _PATIENT_STUDY_KEYWORDS = (
     "ConsentForClinicalTrialUseSequence",
 )
 
+# Type 2 attributes of the Patient and General Study modules: written empty when the CT
+# lacks them (a non-conformant CT must not make a non-conformant SEG)
+_TYPE2_PATIENT_STUDY = (
+    "PatientName", "PatientID", "PatientBirthDate", "PatientSex",
+    "StudyDate", "StudyTime", "ReferringPhysicianName", "StudyID", "AccessionNumber",
+)
+
 # DCM codes (PS3.16)
 _ARTIFICIAL_INTELLIGENCE = Code("123110", "DCM", "Artificial Intelligence")  # CID 7162
 _SEGMENTATION = Code("113076", "DCM", "Segmentation")  # CID 7203, derivation
@@ -351,6 +358,9 @@ def build_seg(
     for keyword in _PATIENT_STUDY_KEYWORDS:
         if keyword in ct:
             seg[keyword] = copy.deepcopy(ct[keyword])
+    for keyword in _TYPE2_PATIENT_STUDY:  # required, possibly empty, even when the CT lacks them
+        if keyword not in seg:
+            setattr(seg, keyword, None)
     if "ReferencedStudySequence" in seg:
         # anonymisation often blanks Referenced SOP Class UID (type 1 in the item): drop
         # the items that are not complete

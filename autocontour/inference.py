@@ -245,17 +245,43 @@ def masks_on_patient_grid(
         cand = probs[c] >= threshold if kind == "softmax" else probs[c] > 0.5
         if not cand.any():
             continue
-        # one box per connected group of candidate voxels (26-connected after growing them by
-        # the one model voxel that interpolation reaches), so scattered specks far from the
-        # structure do not stretch one box over the whole scan
-        grown = ndimage.binary_dilation(cand, structure=np.ones((3, 3, 3), bool))
-        lab, _ = ndimage.label(grown, structure=np.ones((3, 3, 3), bool))
-        for obj in ndimage.find_objects(lab):
-            mlo = np.array([o.start for o in obj])
-            mhi = np.array([o.stop - 1 for o in obj])  # inclusive, model-grid crop indices
+        # one box per group of candidate voxels: each 26-connected component's box, grown by
+        # the one model voxel that interpolation reaches, merged with the boxes it meets, so
+        # scattered specks far from the structure do not stretch one box over the whole scan
+        lab, _ = ndimage.label(cand, structure=np.ones((3, 3, 3), bool))
+        limit = np.array(cand.shape) - 1
+        boxes = [
+            (np.maximum([o.start - 1 for o in obj], 0), np.minimum([o.stop for o in obj], limit))
+            for obj in ndimage.find_objects(lab)
+        ]
+        for mlo, mhi in _merge_boxes(boxes):  # inclusive, model-grid crop indices
             found = _decide_in_box(probs, kind, c, threshold, mlo, mhi, offset, step, canon_shape)
             if found is not None:
                 yield (c - first, *found)
+
+
+Box = tuple[np.ndarray, np.ndarray]  # inclusive (low, high) corner indices
+
+
+def _merge_boxes(boxes: list[Box], max_boxes: int = 64) -> list[Box]:
+    """Inclusive boxes merged until none meets (overlaps or touches) another; more than
+    ``max_boxes`` become one box around all (only ever larger, never less exact)."""
+    if len(boxes) > max_boxes:
+        return [(np.min([b[0] for b in boxes], axis=0), np.max([b[1] for b in boxes], axis=0))]
+    merged = True
+    while merged:
+        merged = False
+        out: list[Box] = []
+        for lo, hi in boxes:
+            for n, (olo, ohi) in enumerate(out):
+                if np.all(lo <= ohi + 1) and np.all(olo <= hi + 1):
+                    out[n] = (np.minimum(lo, olo), np.maximum(hi, ohi))
+                    merged = True
+                    break
+            else:
+                out.append((lo, hi))
+        boxes = out
+    return boxes
 
 
 def _decide_in_box(probs, kind, c, threshold, mlo, mhi, offset, step, canon_shape):

@@ -398,6 +398,16 @@ def test_series_and_content_attributes(written) -> None:
     assert [float(v) for v in measures.PixelSpacing] == list(PIXEL_SPACING)
 
 
+def test_type2_patient_study_attributes_present_when_the_ct_lacks_them() -> None:
+    volume = _volume(ORIENTATIONS["HFS"])
+    for ds in volume.datasets:
+        del ds.StudyID, ds.AccessionNumber, ds.PatientBirthDate, ds.ReferringPhysicianName
+    seg = _build(volume, _masks())
+    for keyword in ("StudyID", "AccessionNumber", "PatientBirthDate", "ReferringPhysicianName"):
+        assert keyword in seg and not seg[keyword].value, keyword
+    assert seg.PatientID == "TEST-001"
+
+
 def test_references_the_ct_series(written) -> None:
     volume, _, path = written
     ds = pydicom.dcmread(path)

@@ -11,7 +11,7 @@ from autocontour.backends import FakeBackend
 from scipy import ndimage
 
 from autocontour.inference import (
-    body_box, masks_on_patient_grid, resample_linear, segment, sliding_window, to_model_grid,
+    _merge_boxes, body_box, masks_on_patient_grid, resample_linear, segment, sliding_window, to_model_grid,
 )
 from autocontour.model_config import ModelConfig
 from autocontour.volume import Volume
@@ -162,6 +162,38 @@ def test_masks_on_patient_grid_equal_the_whole_grid_argmax(kind, channels, scale
     assert sum(r.sum() for r in ref) > 1000  # the case has structures to find
     for c, (g, r) in enumerate(zip(got, ref)):
         assert np.array_equal(g, r), f"channel {c}: {np.sum(g != r)} voxels differ"
+
+
+@pytest.mark.parametrize("n_specks", [5, 300])  # a few boxes, and more than _merge_boxes keeps apart
+def test_masks_on_patient_grid_with_scattered_specks(n_specks):
+    rng = np.random.default_rng(n_specks)
+    shape = (14, 17, 19)
+    probs = np.full((2, *shape), 0.02, np.float32)
+    probs[1, 4:9, 5:10, 6:12] = 0.9  # one structure
+    idx = tuple(rng.integers(0, n, n_specks) for n in shape)
+    probs[1][idx] = 0.7  # and specks all over
+    probs[0] = rng.uniform(0, 0.6, shape).astype(np.float32)
+    box = (slice(1, 15), slice(0, 17), slice(3, 22))
+    step = np.array([1.5, 2.6, 3.1])
+    canon_shape = (24, 50, 75)
+    ref = _whole_grid_reference(probs, "sigmoid", box, step, canon_shape)
+    got = [np.zeros(canon_shape, bool) for _ in ref]
+    for c, sl, mask in masks_on_patient_grid(probs, "sigmoid", box, step, canon_shape):
+        got[c][sl] |= mask
+    for c, (g, r) in enumerate(zip(got, ref)):
+        assert np.array_equal(g, r), f"channel {c}: {np.sum(g != r)} voxels differ"
+
+
+def test_merge_boxes():
+    a = (np.array([0, 0, 0]), np.array([2, 2, 2]))
+    touching = (np.array([3, 0, 0]), np.array([5, 1, 1]))  # next to a along the first axis
+    apart = (np.array([0, 5, 5]), np.array([1, 6, 6]))
+    diagonal = (np.array([6, 2, 2]), np.array([7, 3, 3]))  # touches touching's corner only after the merge
+    out = _merge_boxes([a, apart, touching, diagonal])
+    as_lists = sorted((lo.tolist(), hi.tolist()) for lo, hi in out)
+    assert as_lists == [([0, 0, 0], [7, 3, 3]), ([0, 5, 5], [1, 6, 6])]
+    many = [(np.array([3 * i, 0, 0]), np.array([3 * i, 0, 0])) for i in range(100)]
+    assert [(lo.tolist(), hi.tolist()) for lo, hi in _merge_boxes(many, max_boxes=64)] == [([0, 0, 0], [297, 0, 0])]
 
 
 @pytest.mark.parametrize("step", [(1.0, 3.41, 3.41), (2.4, 1.1, 4.1), (0.8, 1.0, 1.0), (1.5, 1.25, 2.0)])
