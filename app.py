@@ -139,6 +139,11 @@ def run(argv: list[str] | None = None) -> int:
         os.environ.setdefault("CUPY_CACHE_DIR", str(Path(workdir).resolve() / "cupy-kernel-cache"))
         with record.stage("startup_models"):
             loaded = load_backends(models, args.backend, workdir)
+        if args.workdir is None and any(b.name == "tensorrt" for _, b in loaded):
+            logger.warning(
+                "TensorRT engines are built in the staging folder and discarded after this run; "
+                "pass -w DIR (or HOLOSCAN_WORKDIR) to keep them, so that later runs skip the engine build"
+            )
         record.info["models"] = [
             {"name": m.name, "version": m.version, "onnx_sha256": m.onnx_sha256, "backend": b.name, "labels": list(m.labels)}
             for m, b in loaded
