@@ -27,6 +27,7 @@ from pathlib import Path
 os.environ.setdefault("ORT_DISABLE_TELEMETRY", "1")
 
 from autocontour import APP_NAME, __version__  # noqa: E402
+from autocontour.backends import GPU_BACKENDS, GpuMonitor  # noqa: E402
 from autocontour.errors import AutoContourError, InputError  # noqa: E402
 from autocontour.model_config import ModelConfig, load_models  # noqa: E402
 from autocontour.output import discard, prepare_staging  # noqa: E402
@@ -126,6 +127,7 @@ def run(argv: list[str] | None = None) -> int:
     )
     logging.getLogger("highdicom").setLevel(max(logging.WARNING, logging.getLogger().level))
     staging = None
+    record = None
     try:
         if not args.input.is_dir():
             raise InputError(f"input folder {args.input} does not exist - pass -i with a folder of DICOM files")
@@ -139,6 +141,9 @@ def run(argv: list[str] | None = None) -> int:
         os.environ.setdefault("CUPY_CACHE_DIR", str(Path(workdir).resolve() / "cupy-kernel-cache"))
         with record.stage("startup_models"):
             loaded = load_backends(models, args.backend, workdir)
+        if any(b.name in GPU_BACKENDS for _, b in loaded):
+            # GPU memory and utilisation through the run, for report.json
+            record.gpu_monitor = GpuMonitor.start()
         if args.workdir is None and any(b.name == "tensorrt" for _, b in loaded):
             logger.warning(
                 "TensorRT engines are built in the staging folder and discarded after this run; "
@@ -152,15 +157,23 @@ def run(argv: list[str] | None = None) -> int:
             app = build_app(args, record, loaded)
         app.run()
     except AutoContourError as exc:
+        _stop_gpu_monitor(record)
         discard(staging)
         logger.error("%s: %s", type(exc).__name__, exc)
         return exc.exit_code
     except Exception:  # an unexpected failure: full traceback, no partial output
+        _stop_gpu_monitor(record)
         discard(staging)
         logger.exception("internal error; no output written")
         return AutoContourError.exit_code
+    _stop_gpu_monitor(record)
     logger.info("done in %.1f s", time.perf_counter() - t0)
     return 0
+
+
+def _stop_gpu_monitor(record: RunRecord | None) -> None:
+    if record is not None and record.gpu_monitor is not None:
+        record.gpu_monitor.stop()
 
 
 if __name__ == "__main__":

@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import os
 import re
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Protocol
@@ -33,7 +34,11 @@ __all__ = [
     "BACKENDS",
     "trt_cache_dir",
     "gpu_snapshot",
+    "GpuMonitor",
+    "GPU_BACKENDS",
 ]
+
+GPU_BACKENDS = ("tensorrt", "cuda")  # backends that run on the GPU (report.json samples it)
 
 
 class Backend(Protocol):
@@ -107,6 +112,87 @@ def gpu_snapshot() -> dict | None:
             pynvml.nvmlShutdown()
         except Exception:  # noqa: BLE001
             pass
+
+
+class GpuMonitor:
+    """Samples the GPU's memory in use and utilisation (NVML) in a background thread.
+
+    ``summary()`` gives the last sample plus the peak memory in use and the highest and
+    mean utilisation seen since ``start()``: what report.json records for a GPU run (one
+    sample at the end would show the utilisation of an idle GPU).  Without NVML or a GPU,
+    ``start()`` returns None and nothing runs.  ``nvml`` replaces the ``pynvml`` module
+    (tests pass a fake).
+    """
+
+    def __init__(self, nvml, handle, name: str, interval_s: float):
+        self._nvml, self._handle, self.name, self.interval_s = nvml, handle, name, interval_s
+        self._stop = threading.Event()
+        self._lock = threading.Lock()
+        self._samples: list[tuple[float, int]] = []  # (MB in use, utilisation %)
+        self._total_mb = 0.0
+        self._thread = threading.Thread(target=self._run, name="gpu-monitor", daemon=True)
+
+    @classmethod
+    def start(cls, index: int = 0, interval_s: float = 0.1, nvml=None) -> GpuMonitor | None:
+        try:
+            if nvml is None:
+                import pynvml as nvml
+            nvml.nvmlInit()
+            handle = nvml.nvmlDeviceGetHandleByIndex(index)
+            name = nvml.nvmlDeviceGetName(handle)
+        except Exception as exc:  # noqa: BLE001 - no NVML / no GPU: nothing to monitor
+            logger.debug("no GPU monitor: %s", exc)
+            return None
+        monitor = cls(nvml, handle, name.decode() if isinstance(name, bytes) else str(name), interval_s)
+        monitor._sample()
+        monitor._thread.start()
+        return monitor
+
+    def _sample(self) -> None:
+        try:
+            mem = self._nvml.nvmlDeviceGetMemoryInfo(self._handle)
+            util = self._nvml.nvmlDeviceGetUtilizationRates(self._handle)
+        except Exception as exc:  # noqa: BLE001 - a failed sample is skipped, not fatal
+            logger.debug("GPU sample failed: %s", exc)
+            return
+        with self._lock:
+            self._total_mb = mem.total / 2**20
+            self._samples.append((mem.used / 2**20, int(util.gpu)))
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval_s):
+            self._sample()
+
+    def stop(self) -> None:
+        """Stop sampling (takes one last sample) and release NVML; idempotent."""
+        if self._stop.is_set():
+            return
+        self._stop.set()
+        self._thread.join(timeout=5 * self.interval_s + 1)
+        self._sample()
+        try:
+            self._nvml.nvmlShutdown()
+        except Exception:  # noqa: BLE001
+            pass
+
+    def summary(self) -> dict:
+        with self._lock:
+            samples = list(self._samples)
+        if not samples:
+            return {"name": self.name, "samples": 0}
+        used = [m for m, _ in samples]
+        util = [u for _, u in samples]
+        return {
+            "name": self.name,
+            "memory_used_mb": round(used[-1], 1),
+            "memory_total_mb": round(self._total_mb, 1),
+            "utilisation_percent": util[-1],
+            "peak_memory_used_mb": round(max(used), 1),
+            "max_utilisation_percent": max(util),
+            "mean_utilisation_percent": round(sum(util) / len(util), 1),
+            "samples": len(samples),
+            "sample_interval_s": self.interval_s,
+        }
 
 
 def trt_cache_dir(workdir: Path, model: ModelConfig, gpu: GpuInfo, trt_version: str) -> Path:

@@ -339,7 +339,6 @@ def build_seg(
     else:
         # nothing to write: every segment gets one empty frame on the first slice
         logger.warning("all %d masks are empty; the SEG will hold one empty frame per segment", len(defs))
-        planes = [0]
         frames = [(s, 0, 1) for s in range(len(defs))]
 
     now = datetime.datetime.now()

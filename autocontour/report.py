@@ -47,6 +47,8 @@ def build_report(record: RunRecord, results: dict[str, StructureResult]) -> dict
         "seconds": record.seconds,
         "host": {
             "python": platform.python_version(), "machine": platform.machine(),
-            "graph_workers": record.info.get("graph_workers", 1), "gpu": gpu_snapshot(),
+            "graph_workers": record.info.get("graph_workers", 1),
+            # sampled through the run when a model ran on the GPU, else one snapshot (None without a GPU)
+            "gpu": record.gpu_monitor.summary() if record.gpu_monitor is not None else gpu_snapshot(),
         },
     }

@@ -21,6 +21,7 @@ class RunRecord:
     seconds: dict[str, float] = field(default_factory=dict)
     info: dict = field(default_factory=dict)
     staged_files: dict[str, Path] = field(default_factory=dict)  # final name -> staged path
+    gpu_monitor: object | None = None  # autocontour.backends.GpuMonitor while a GPU backend runs
 
     @contextmanager
     def stage(self, name: str):

@@ -148,3 +148,75 @@ def test_cpu_session_threads_do_not_spin(tmp_path):
     opts = backend.session.get_session_options()
     assert opts.get_session_config_entry("session.intra_op.allow_spinning") == "0"
     assert opts.intra_op_num_threads >= 1
+
+
+class FakeNvml:
+    """pynvml's calls used by GpuMonitor, with a scripted memory/utilisation sequence."""
+
+    def __init__(self, used_mb, util, fail_init=False):
+        self.used_mb, self.util, self.fail_init = list(used_mb), list(util), fail_init
+        self.calls = 0
+        self.shut_down = False
+
+    def nvmlInit(self):
+        if self.fail_init:
+            raise RuntimeError("NVML Shared Library Not Found")
+
+    def nvmlDeviceGetHandleByIndex(self, index):
+        return index
+
+    def nvmlDeviceGetName(self, handle):
+        return b"NVIDIA H200"
+
+    def nvmlDeviceGetMemoryInfo(self, handle):
+        used = self.used_mb[min(self.calls, len(self.used_mb) - 1)]
+        return type("Mem", (), {"used": used * 2**20, "total": 143771 * 2**20})()
+
+    def nvmlDeviceGetUtilizationRates(self, handle):
+        util = self.util[min(self.calls, len(self.util) - 1)]
+        self.calls += 1
+        return type("Util", (), {"gpu": util})()
+
+    def nvmlShutdown(self):
+        self.shut_down = True
+
+
+def test_gpu_monitor_records_peak_memory_and_utilisation():
+    nvml = FakeNvml(used_mb=[500, 2500, 4100, 3000, 900], util=[0, 80, 100, 60, 0])
+    monitor = backends.GpuMonitor.start(interval_s=0.01, nvml=nvml)
+    assert monitor is not None
+    import time
+
+    deadline = time.monotonic() + 5
+    while nvml.calls < 5 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    monitor.stop()
+    summary = monitor.summary()
+    assert summary["name"] == "NVIDIA H200"
+    assert summary["peak_memory_used_mb"] == 4100.0
+    assert summary["max_utilisation_percent"] == 100
+    assert summary["memory_used_mb"] == 900.0 and summary["utilisation_percent"] == 0  # the last sample
+    assert summary["memory_total_mb"] == 143771.0
+    assert summary["samples"] >= 5
+    assert 0 < summary["mean_utilisation_percent"] < 100
+    assert nvml.shut_down
+    monitor.stop()  # idempotent
+
+
+def test_gpu_monitor_is_none_without_nvml():
+    assert backends.GpuMonitor.start(nvml=FakeNvml([0], [0], fail_init=True)) is None
+
+
+def test_report_uses_the_monitor_when_a_gpu_ran(tmp_path):
+    from autocontour.report import build_report
+    from autocontour.run_record import RunRecord
+
+    record = RunRecord(tmp_path, tmp_path, tmp_path)
+    assert build_report(record, {})["host"]["gpu"] == backends.gpu_snapshot()  # None on a CPU machine
+    monitor = backends.GpuMonitor.start(interval_s=60, nvml=FakeNvml([1234], [7]))
+    record.gpu_monitor = monitor
+    try:
+        gpu = build_report(record, {})["host"]["gpu"]
+    finally:
+        monitor.stop()
+    assert gpu["peak_memory_used_mb"] == 1234.0 and gpu["max_utilisation_percent"] == 7
