@@ -2,44 +2,59 @@
 
 pydicom validates every value it is given (~0.1 ms each for UI, DS, CS, IS strings), and
 a SEG or RTSTRUCT of one CT holds tens of thousands of them, all produced by our own code
-in a known-valid form.  A ``RawDataElement`` holds the explicit-VR little-endian bytes
-instead; pydicom writes them as they are and decodes them like any element read from a
-file when they are accessed.  Only for values the writers format themselves.
+in a known-valid form.  ``put_text`` / ``put_uint`` store a ``RawDataElement`` holding the
+explicit-VR little-endian bytes instead (tag and VR from pydicom's data dictionary);
+pydicom writes them as they are and decodes them like any element read from a file when
+they are accessed.  Only for values the writers format themselves, in datasets written
+with explicit VR little endian.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from functools import cache
 
 import numpy as np
+from pydicom.datadict import dictionary_VR, tag_for_keyword
 from pydicom.dataelem import RawDataElement
-from pydicom.tag import Tag
+from pydicom.dataset import Dataset
+from pydicom.tag import BaseTag, Tag
 
-__all__ = ["raw_element", "raw_text", "raw_uint", "format_ds_array"]
+__all__ = ["put_text", "put_uint", "format_ds_array"]
 
 _TEXT_VRS = {"AE", "AS", "CS", "DA", "DS", "DT", "IS", "LO", "LT", "PN", "SH", "ST", "TM", "UC", "UI", "UT"}
+_UINT_DTYPES = {"US": "<u2", "UL": "<u4"}
 # DS: at most 16 bytes a value; "%.3f" stays within that below this magnitude
 _DS_3F_LIMIT = 1e11
 
 
-def raw_element(tag: int, vr: str, value: bytes) -> RawDataElement:
-    """An element of ``vr`` whose value field is ``value``, padded to an even length
-    (UI with NUL, other text VRs with a space, binary VRs with a zero byte)."""
-    if len(value) % 2:
-        value += b"\x00" if vr == "UI" or vr not in _TEXT_VRS else b" "
-    return RawDataElement(Tag(tag), vr, len(value), value, 0, False, True)
+@cache
+def _tag_and_vr(keyword: str) -> tuple[BaseTag, str]:
+    tag = tag_for_keyword(keyword)
+    if tag is None:
+        raise KeyError(f"{keyword!r} is not a DICOM keyword")
+    return Tag(tag), dictionary_VR(tag)
 
 
-def raw_text(tag: int, vr: str, values: str | Sequence[str]) -> RawDataElement:
-    """A text element (ASCII values; several joined by the DICOM backslash)."""
+def _put(ds: Dataset, keyword: str, value: bytes, kinds: set[str] | dict[str, str]) -> None:
+    tag, vr = _tag_and_vr(keyword)
+    if vr not in kinds:
+        raise ValueError(f"{keyword} has VR {vr}, not one of {sorted(kinds)}")
+    if len(value) % 2:  # even length: UI padded with NUL, other text with a space
+        value += b"\x00" if vr == "UI" else b" "
+    ds[tag] = RawDataElement(tag, vr, len(value), value, 0, False, True)
+
+
+def put_text(ds: Dataset, keyword: str, values: str | Sequence[str]) -> None:
+    """Set a text element of ``ds`` (ASCII values; several joined by the DICOM backslash)."""
     text = values if isinstance(values, str) else "\\".join(values)
-    return raw_element(tag, vr, text.encode("ascii"))
+    _put(ds, keyword, text.encode("ascii"), _TEXT_VRS)
 
 
-def raw_uint(tag: int, vr: str, values: Sequence[int]) -> RawDataElement:
-    """A US or UL element."""
-    dtype = {"US": "<u2", "UL": "<u4"}[vr]
-    return raw_element(tag, vr, np.asarray(values, dtype).tobytes())
+def put_uint(ds: Dataset, keyword: str, values: Sequence[int]) -> None:
+    """Set a US or UL element of ``ds``."""
+    _, vr = _tag_and_vr(keyword)
+    _put(ds, keyword, np.asarray(values, _UINT_DTYPES.get(vr, "<u4")).tobytes(), _UINT_DTYPES)
 
 
 def format_ds_array(values: np.ndarray) -> list[str]:

@@ -48,11 +48,10 @@ import numpy as np
 from pydicom.dataelem import DataElement
 from pydicom.dataset import Dataset, FileMetaDataset, validate_file_meta
 from pydicom.sequence import Sequence as DicomSequence
-from pydicom.tag import Tag
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 from pydicom.valuerep import DSfloat, format_number_as_ds
 
-from autocontour.dicom_elements import raw_element, raw_text, raw_uint
+from autocontour.dicom_elements import put_text, put_uint
 from autocontour.postprocess import bounding_box
 from autocontour.structures import STRUCTURES, Code, StructureDefinition, structure
 from autocontour.volume import Volume
@@ -127,24 +126,13 @@ _SEGMENTATION = Code("113076", "DCM", "Segmentation")  # CID 7203, derivation
 _SOURCE_IMAGE = Code("121322", "DCM", "Source image for image processing operation")  # CID 7202
 _ACQUISITION_EQUIPMENT = Code("109101", "DCM", "Acquisition Equipment")
 
-# per-frame elements are written as encoded bytes (``autocontour.dicom_elements``): pydicom's
-# validation of every value costs ~0.1 ms, and a SEG has thousands of them
-_DIMENSION_INDEX_VALUES = Tag(0x0020, 0x9157)
-_IMAGE_POSITION_PATIENT = Tag(0x0020, 0x0032)
-_REFERENCED_SOP_CLASS_UID = Tag(0x0008, 0x1150)
-_REFERENCED_SOP_INSTANCE_UID = Tag(0x0008, 0x1155)
-_SPATIAL_LOCATIONS_PRESERVED = Tag(0x0028, 0x135A)
-_REFERENCED_SEGMENT_NUMBER = Tag(0x0062, 0x000B)
-_CODE_VALUE, _CODING_SCHEME_DESIGNATOR, _CODE_MEANING = Tag(0x0008, 0x0100), Tag(0x0008, 0x0102), Tag(0x0008, 0x0104)
-
-
 def _code_item(code: Code, raw: bool = False) -> Dataset:
     """A Code Sequence item (Basic Coded Entry Attributes)."""
     item = Dataset()
     if raw:
-        item[_CODE_VALUE] = raw_text(_CODE_VALUE, "SH", code.value)
-        item[_CODING_SCHEME_DESIGNATOR] = raw_text(_CODING_SCHEME_DESIGNATOR, "SH", code.scheme)
-        item[_CODE_MEANING] = raw_text(_CODE_MEANING, "LO", code.meaning)
+        put_text(item, "CodeValue", code.value)
+        put_text(item, "CodingSchemeDesignator", code.scheme)
+        put_text(item, "CodeMeaning", code.meaning)
     else:
         item.CodeValue = code.value
         item.CodingSchemeDesignator = code.scheme
@@ -264,9 +252,9 @@ def _segments_overlap(masks: Sequence[np.ndarray]) -> bool:
     return False
 
 
-def _ds_text(values: Sequence) -> bytes:
-    """A DS value as the CT wrote it when valid, else formatted (<= 16 characters each)."""
-    return "\\".join(format_number_as_ds(float(v)) for v in values).encode("ascii")
+def _ds_text(values: Sequence) -> list[str]:
+    """DS values formatted as highdicom formats plane positions (<= 16 characters each)."""
+    return [format_number_as_ds(float(v)) for v in values]
 
 
 def build_seg(
@@ -479,26 +467,26 @@ def build_seg(
 
 def _per_frame_items(volume: Volume, frames: Sequence[tuple[int, int, int]]) -> list[Dataset]:
     """Per-Frame Functional Groups items: frame content, plane position, derivation, segment."""
-    position_text: dict[int, bytes] = {}
+    position_text: dict[int, list[str]] = {}
     items = []
     for s, k, p in frames:
         ct = volume.datasets[k]
         if k not in position_text:
             position_text[k] = _ds_text(ct.ImagePositionPatient)
         content = Dataset()
-        content[_DIMENSION_INDEX_VALUES] = raw_uint(_DIMENSION_INDEX_VALUES, "UL", (s + 1, p))
+        put_uint(content, "DimensionIndexValues", (s + 1, p))
         position = Dataset()
-        position[_IMAGE_POSITION_PATIENT] = raw_element(_IMAGE_POSITION_PATIENT, "DS", position_text[k])
+        put_text(position, "ImagePositionPatient", position_text[k])
         source = Dataset()
-        source[_REFERENCED_SOP_CLASS_UID] = raw_text(_REFERENCED_SOP_CLASS_UID, "UI", str(ct.SOPClassUID))
-        source[_REFERENCED_SOP_INSTANCE_UID] = raw_text(_REFERENCED_SOP_INSTANCE_UID, "UI", volume.sop_instance_uids[k])
-        source[_SPATIAL_LOCATIONS_PRESERVED] = raw_text(_SPATIAL_LOCATIONS_PRESERVED, "CS", "YES")
+        put_text(source, "ReferencedSOPClassUID", str(ct.SOPClassUID))
+        put_text(source, "ReferencedSOPInstanceUID", volume.sop_instance_uids[k])
+        put_text(source, "SpatialLocationsPreserved", "YES")
         source.PurposeOfReferenceCodeSequence = [_code_item(_SOURCE_IMAGE, raw=True)]
         derivation = Dataset()
         derivation.DerivationCodeSequence = [_code_item(_SEGMENTATION, raw=True)]
         derivation.SourceImageSequence = [source]
         segment = Dataset()
-        segment[_REFERENCED_SEGMENT_NUMBER] = raw_uint(_REFERENCED_SEGMENT_NUMBER, "US", (s + 1,))
+        put_uint(segment, "ReferencedSegmentNumber", (s + 1,))
         item = Dataset()
         item.DerivationImageSequence = [derivation]
         item.FrameContentSequence = [content]
@@ -513,8 +501,8 @@ def _reference_all_slices(seg: Dataset, volume: Volume) -> None:
     refs = []
     for ds, uid in zip(volume.datasets, volume.sop_instance_uids):
         ref = Dataset()
-        ref[_REFERENCED_SOP_CLASS_UID] = raw_text(_REFERENCED_SOP_CLASS_UID, "UI", str(ds.SOPClassUID))
-        ref[_REFERENCED_SOP_INSTANCE_UID] = raw_text(_REFERENCED_SOP_INSTANCE_UID, "UI", uid)
+        put_text(ref, "ReferencedSOPClassUID", str(ds.SOPClassUID))
+        put_text(ref, "ReferencedSOPInstanceUID", uid)
         refs.append(ref)
     seg.SourceImageSequence = refs
     series = Dataset()

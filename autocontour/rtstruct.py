@@ -35,13 +35,12 @@ import pydicom
 from pydicom.charset import convert_encodings
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.sequence import Sequence as DicomSequence
-from pydicom.tag import Tag
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 from pydicom.valuerep import format_number_as_ds
 from skimage.draw import polygon as fill_polygon
 from skimage.measure import find_contours
 
-from autocontour.dicom_elements import format_ds_array, raw_text
+from autocontour.dicom_elements import format_ds_array, put_text
 from autocontour.errors import GeometryError, OutputError
 from autocontour.postprocess import bounding_box
 from autocontour.structures import StructureDefinition, structure
@@ -434,27 +433,19 @@ def _contour_items(
         for points in mask_to_contours(crop[k], volume.affine, k, origin_rc):
             xy = format_ds_array(points[:, :2])
             data = "\\".join(map(point_text.format, xy[0::2], xy[1::2]))
+            # pre-encoded elements (autocontour.dicom_elements): the strings are valid already,
+            # and letting pydicom convert and validate tens of thousands of values costs seconds
             ref = Dataset()
-            ref[_REFERENCED_SOP_CLASS_UID] = raw_text(_REFERENCED_SOP_CLASS_UID, "UI", ref_class)
-            ref[_REFERENCED_SOP_INSTANCE_UID] = raw_text(_REFERENCED_SOP_INSTANCE_UID, "UI", ref_uid)
+            put_text(ref, "ReferencedSOPClassUID", ref_class)
+            put_text(ref, "ReferencedSOPInstanceUID", ref_uid)
             item = Dataset()
             item.ContourImageSequence = DicomSequence([ref])
-            item[_CONTOUR_GEOMETRIC_TYPE] = raw_text(_CONTOUR_GEOMETRIC_TYPE, "CS", "CLOSED_PLANAR")
-            item[_NUMBER_OF_CONTOUR_POINTS] = raw_text(_NUMBER_OF_CONTOUR_POINTS, "IS", str(len(points)))
-            item[_CONTOUR_NUMBER] = raw_text(_CONTOUR_NUMBER, "IS", str(len(items) + 1))
-            # ContourData as its encoded bytes: the strings are valid DS already, and letting
-            # pydicom convert and validate tens of thousands of values costs seconds
-            item[CONTOUR_DATA] = raw_text(CONTOUR_DATA, "DS", data)
+            put_text(item, "ContourGeometricType", "CLOSED_PLANAR")
+            put_text(item, "NumberOfContourPoints", str(len(points)))
+            put_text(item, "ContourNumber", str(len(items) + 1))
+            put_text(item, "ContourData", data)
             items.append(item)
     return items
-
-
-CONTOUR_DATA = Tag(0x3006, 0x0050)
-_CONTOUR_GEOMETRIC_TYPE = Tag(0x3006, 0x0042)
-_NUMBER_OF_CONTOUR_POINTS = Tag(0x3006, 0x0046)
-_CONTOUR_NUMBER = Tag(0x3006, 0x0048)
-_REFERENCED_SOP_CLASS_UID = Tag(0x0008, 0x1150)
-_REFERENCED_SOP_INSTANCE_UID = Tag(0x0008, 0x1155)
 
 
 def write_dataset(ds: Dataset, path: str | Path) -> Path:

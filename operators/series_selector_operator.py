@@ -34,8 +34,9 @@ class SeriesSelectorOperator(Operator):
         spec.output(self.OUT_SERIES)
 
     def compute(self, op_input, op_output, context):
-        with self.record.stage("load_and_select"):
+        with self.record.stage("load"):  # every file's header, pixel data deferred
             candidates, skipped = scan_folder(self.input_folder)
+        with self.record.stage("select"):
             chosen = select_series(candidates, self.rules, self.input_folder)
         self.record.info["series"] = {
             "chosen": chosen.series_instance_uid,

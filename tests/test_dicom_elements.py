@@ -10,7 +10,7 @@ import pytest
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian
 
-from autocontour.dicom_elements import format_ds_array, raw_text, raw_uint
+from autocontour.dicom_elements import format_ds_array, put_text, put_uint
 from autocontour.rtstruct import format_ds
 
 
@@ -57,10 +57,9 @@ def test_format_ds_array_refuses_what_ds_cannot_hold(bad) -> None:
         ("ImagePositionPatient", "DS", ["-300", "-230.5", "12"], [-300.0, -230.5, 12.0]),
     ],
 )
-def test_raw_text_reads_back_as_the_value(keyword, vr, value, expected) -> None:
+def test_put_text_reads_back_as_the_value(keyword, vr, value, expected) -> None:
     ds = Dataset()
-    tag = pydicom.datadict.tag_for_keyword(keyword)
-    ds[tag] = raw_text(tag, vr, value)
+    put_text(ds, keyword, value)
     back = _round_trip(ds)[keyword]
     assert back.VR == vr
     if isinstance(expected, list):
@@ -71,9 +70,18 @@ def test_raw_text_reads_back_as_the_value(keyword, vr, value, expected) -> None:
 
 @pytest.mark.parametrize("keyword, vr, values", [("DimensionIndexValues", "UL", [3, 70000]),
                                                 ("ReferencedSegmentNumber", "US", [7])])
-def test_raw_uint_reads_back_as_the_value(keyword, vr, values) -> None:
+def test_put_uint_reads_back_as_the_value(keyword, vr, values) -> None:
     ds = Dataset()
-    tag = pydicom.datadict.tag_for_keyword(keyword)
-    ds[tag] = raw_uint(tag, vr, values)
+    put_uint(ds, keyword, values)
+    assert ds[keyword].VR == vr
     back = _round_trip(ds)[keyword].value
     assert (list(back) if len(values) > 1 else [back]) == values
+
+
+def test_put_refuses_unknown_keywords_and_the_wrong_kind_of_vr() -> None:
+    with pytest.raises(KeyError):
+        put_text(Dataset(), "NoSuchKeyword", "1")
+    with pytest.raises(ValueError, match="VR US"):
+        put_text(Dataset(), "ReferencedSegmentNumber", "1")
+    with pytest.raises(ValueError, match="VR UI"):
+        put_uint(Dataset(), "ReferencedSOPInstanceUID", [1])
