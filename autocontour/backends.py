@@ -138,10 +138,18 @@ class GpuMonitor:
             if nvml is None:
                 import pynvml as nvml
             nvml.nvmlInit()
+        except Exception as exc:  # noqa: BLE001 - no NVML / no driver: nothing to monitor
+            logger.debug("no GPU monitor: %s", exc)
+            return None
+        try:
             handle = nvml.nvmlDeviceGetHandleByIndex(index)
             name = nvml.nvmlDeviceGetName(handle)
-        except Exception as exc:  # noqa: BLE001 - no NVML / no GPU: nothing to monitor
+        except Exception as exc:  # noqa: BLE001 - no such GPU
             logger.debug("no GPU monitor: %s", exc)
+            try:
+                nvml.nvmlShutdown()
+            except Exception:  # noqa: BLE001
+                pass
             return None
         monitor = cls(nvml, handle, name.decode() if isinstance(name, bytes) else str(name), interval_s)
         monitor._sample()

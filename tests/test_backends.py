@@ -203,8 +203,16 @@ def test_gpu_monitor_records_peak_memory_and_utilisation():
     monitor.stop()  # idempotent
 
 
-def test_gpu_monitor_is_none_without_nvml():
+def test_gpu_monitor_is_none_without_nvml_or_gpu():
     assert backends.GpuMonitor.start(nvml=FakeNvml([0], [0], fail_init=True)) is None
+    no_gpu = FakeNvml([0], [0])
+
+    def missing(index):
+        raise RuntimeError("Invalid Argument")
+
+    no_gpu.nvmlDeviceGetHandleByIndex = missing
+    assert backends.GpuMonitor.start(nvml=no_gpu) is None
+    assert no_gpu.shut_down
 
 
 def test_report_uses_the_monitor_when_a_gpu_ran(tmp_path):
