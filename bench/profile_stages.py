@@ -7,7 +7,7 @@ The same functions the operators call (``scan_folder``/``select_series``, ``buil
 ``write_dataset``), without Holoscan, each repeated ``--repeats`` times on the same input;
 the table shows the fastest run of each (the machine's noise only adds time), in wall
 and in CPU seconds (all threads of the process; steadier on a busy machine).  The first
-run of a stage includes its one-off costs (imports, highdicom's tables), so the table
+run of a stage includes its one-off costs (imports, first-touch of new memory), so the table
 shows it too.  This is the tool for finding where the time goes; the end-to-end figures
 are ``bench/run_benchmark.py``'s.
 """
