@@ -117,9 +117,10 @@ def gpu_snapshot() -> dict | None:
 class GpuMonitor:
     """Samples the GPU's memory in use and utilisation (NVML) in a background thread.
 
-    ``summary()`` gives the last sample plus the peak memory in use and the highest and
-    mean utilisation seen since ``start()``: what report.json records for a GPU run (one
-    sample at the end would show the utilisation of an idle GPU).  Without NVML or a GPU,
+    ``summary()`` gives the last sample plus the peak memory in use (the whole device's,
+    and this process's own where NVML lists it) and the highest and mean utilisation seen
+    since ``start()``: what report.json records for a GPU run (one sample at the end would
+    show the utilisation of an idle GPU).  Without NVML or a GPU,
     ``start()`` returns None and nothing runs.  ``nvml`` replaces the ``pynvml`` module
     (tests pass a fake).
     """
@@ -128,7 +129,9 @@ class GpuMonitor:
         self._nvml, self._handle, self.name, self.interval_s = nvml, handle, name, interval_s
         self._stop = threading.Event()
         self._lock = threading.Lock()
-        self._samples: list[tuple[float, int]] = []  # (MB in use, utilisation %)
+        self._samples: list[tuple[float, int]] = []  # (MB in use on the device, utilisation %)
+        self._process_peak_mb: float | None = None  # this process's own, when NVML lists it
+        self._pid = os.getpid()
         self._total_mb = 0.0
         self._thread = threading.Thread(target=self._run, name="gpu-monitor", daemon=True)
 
@@ -163,9 +166,20 @@ class GpuMonitor:
         except Exception as exc:  # noqa: BLE001 - a failed sample is skipped, not fatal
             logger.debug("GPU sample failed: %s", exc)
             return
+        own = self._process_memory_mb()
         with self._lock:
             self._total_mb = mem.total / 2**20
             self._samples.append((mem.used / 2**20, int(util.gpu)))
+            if own is not None:
+                self._process_peak_mb = max(own, self._process_peak_mb or 0.0)
+
+    def _process_memory_mb(self) -> float | None:
+        try:
+            procs = self._nvml.nvmlDeviceGetComputeRunningProcesses(self._handle)
+        except Exception:  # noqa: BLE001 - not supported (e.g. some containers): device figures only
+            return None
+        used = [p.usedGpuMemory for p in procs if p.pid == self._pid and p.usedGpuMemory is not None]
+        return sum(used) / 2**20 if used else None
 
     def _run(self) -> None:
         while not self._stop.wait(self.interval_s):
@@ -196,6 +210,7 @@ class GpuMonitor:
             "memory_total_mb": round(self._total_mb, 1),
             "utilisation_percent": util[-1],
             "peak_memory_used_mb": round(max(used), 1),
+            "peak_process_memory_mb": None if self._process_peak_mb is None else round(self._process_peak_mb, 1),
             "max_utilisation_percent": max(util),
             "mean_utilisation_percent": round(sum(util) / len(util), 1),
             "samples": len(samples),

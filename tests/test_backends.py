@@ -180,6 +180,14 @@ class FakeNvml:
     def nvmlShutdown(self):
         self.shut_down = True
 
+    def nvmlDeviceGetComputeRunningProcesses(self, handle):
+        import os
+
+        mb = self.used_mb[min(self.calls, len(self.used_mb) - 1)] // 2
+        proc = type("Proc", (), {"pid": os.getpid(), "usedGpuMemory": mb * 2**20})()
+        other = type("Proc", (), {"pid": -1, "usedGpuMemory": 10**12})()
+        return [other, proc]
+
 
 def test_gpu_monitor_records_peak_memory_and_utilisation():
     nvml = FakeNvml(used_mb=[500, 2500, 4100, 3000, 900], util=[0, 80, 100, 60, 0])
@@ -194,6 +202,7 @@ def test_gpu_monitor_records_peak_memory_and_utilisation():
     summary = monitor.summary()
     assert summary["name"] == "NVIDIA H200"
     assert summary["peak_memory_used_mb"] == 4100.0
+    assert summary["peak_process_memory_mb"] == 2050.0  # this process's own, not the other's
     assert summary["max_utilisation_percent"] == 100
     assert summary["memory_used_mb"] == 900.0 and summary["utilisation_percent"] == 0  # the last sample
     assert summary["memory_total_mb"] == 143771.0
