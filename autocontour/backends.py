@@ -39,6 +39,9 @@ __all__ = [
 ]
 
 GPU_BACKENDS = ("tensorrt", "cuda")  # backends that run on the GPU (report.json samples it)
+# windows per network call (autocontour.inference.sliding_window): the last call of a volume
+# may hold fewer, so the TensorRT profile spans 1..WINDOW_BATCH
+WINDOW_BATCH = 2
 
 
 class Backend(Protocol):
@@ -292,10 +295,17 @@ def _make_tensorrt(ctx: BackendContext) -> Backend:
         import tensorrt
 
         trt_version = tensorrt.__version__
-    except ImportError:
-        trt_version = "ort"
+    except ImportError:  # the TensorRT libraries onnxruntime-gpu was built against: key by its version
+        import onnxruntime
+
+        trt_version = f"ort{onnxruntime.__version__}"
     cache = trt_cache_dir(ctx.workdir, ctx.model, ctx.gpu, trt_version)
     cache.mkdir(parents=True, exist_ok=True)
+    # one optimisation profile for every batch the sliding window sends (1..WINDOW_BATCH
+    # windows of the model's patch): without it TensorRT builds an engine for the first
+    # shape seen and rebuilds when a shorter last batch arrives
+    pz, py, px = ctx.model.patch_zyx
+    name = _onnx_input_name(ctx.model.onnx_path)
     opts = {
         "device_id": ctx.gpu.index,
         "trt_fp16_enable": True,
@@ -303,9 +313,24 @@ def _make_tensorrt(ctx: BackendContext) -> Backend:
         "trt_engine_cache_path": str(cache),
         "trt_timing_cache_enable": True,
         "trt_timing_cache_path": str(cache),
+        "trt_profile_min_shapes": f"{name}:1x1x{pz}x{py}x{px}",
+        "trt_profile_opt_shapes": f"{name}:{WINDOW_BATCH}x1x{pz}x{py}x{px}",
+        "trt_profile_max_shapes": f"{name}:{WINDOW_BATCH}x1x{pz}x{py}x{px}",
     }
     logger.info("TensorRT engine cache for %s: %s", ctx.model.name, cache)
     return OrtBackend("tensorrt", ctx.model, [("TensorrtExecutionProvider", opts), "CUDAExecutionProvider"])
+
+
+def _onnx_input_name(path: Path) -> str:
+    """The network's input name, read with a CPU session (the GPU session is not open yet)."""
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.log_severity_level = 3
+    try:
+        return ort.InferenceSession(str(path), sess_options=so, providers=["CPUExecutionProvider"]).get_inputs()[0].name
+    except Exception as exc:
+        raise BackendUnavailable(f"ONNX Runtime could not read the input of {path}: {exc}") from exc
 
 
 def _make_cuda(ctx: BackendContext) -> Backend:

@@ -18,7 +18,7 @@ import threading
 import numpy as np
 from scipy import ndimage
 
-from autocontour.backends import Backend
+from autocontour.backends import WINDOW_BATCH, Backend
 from autocontour.model_config import ModelConfig
 from autocontour.volume import Volume, to_canonical
 
@@ -93,7 +93,8 @@ def _gaussian_weight(patch: tuple[int, int, int]) -> np.ndarray:
 
 
 def sliding_window(
-    image: np.ndarray, patch: tuple[int, int, int], predict, n_out: int, overlap: float = 0.25, batch: int = 2
+    image: np.ndarray, patch: tuple[int, int, int], predict, n_out: int, overlap: float = 0.25,
+    batch: int = WINDOW_BATCH,
 ) -> np.ndarray:
     """Blend ``predict`` over overlapping windows of ``image`` (Z, Y, X) -> (C, Z, Y, X) logits."""
     pad = [max(0, p - s) for p, s in zip(patch, image.shape)]

@@ -121,11 +121,16 @@ def test_tensorrt_factory_configures_fp16_and_the_keyed_cache(monkeypatch, tmp_p
 
     monkeypatch.setattr(backends, "_ort_providers", lambda: ["TensorrtExecutionProvider", "CUDAExecutionProvider"])
     monkeypatch.setattr(backends, "OrtBackend", FakeOrt)
+    monkeypatch.setattr(backends, "_onnx_input_name", lambda path: "image")
     ctx = backends.BackendContext(MODEL, tmp_path, H100)
     b = backends._make_tensorrt(ctx)
     trt, opts = seen["providers"][0]
     assert b.name == "tensorrt" and trt == "TensorrtExecutionProvider"
     assert opts["trt_fp16_enable"] and opts["trt_engine_cache_enable"]
+    # one profile for every batch the sliding window sends: 1 to WINDOW_BATCH patches
+    assert opts["trt_profile_min_shapes"] == "image:1x1x16x16x16"
+    most = f"image:{backends.WINDOW_BATCH}x1x16x16x16"
+    assert opts["trt_profile_max_shapes"] == opts["trt_profile_opt_shapes"] == most
     assert Path(opts["trt_engine_cache_path"]).is_dir()
     assert Path(opts["trt_engine_cache_path"]).parent == tmp_path / "trt-engines"
     assert seen["providers"][1] == "CUDAExecutionProvider"  # fallback inside the session
@@ -237,3 +242,12 @@ def test_report_uses_the_monitor_when_a_gpu_ran(tmp_path):
     finally:
         monitor.stop()
     assert gpu["peak_memory_used_mb"] == 1234.0 and gpu["max_utilisation_percent"] == 7
+
+
+def test_onnx_input_name_of_the_shipped_models():
+    from autocontour.model_config import load_models
+
+    models = load_models(Path(__file__).resolve().parents[1] / "models")
+    assert {m.name: backends._onnx_input_name(m.onnx_path) for m in models} == {"hn_oar": "image", "hn_target": "image"}
+    with pytest.raises(BackendUnavailable, match="could not read"):
+        backends._onnx_input_name(Path("/nonexistent/model.onnx"))
