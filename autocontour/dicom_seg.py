@@ -52,6 +52,7 @@ from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 from pydicom.valuerep import DSfloat, format_number_as_ds
 
 from autocontour.dicom_elements import put_text, put_uint
+from autocontour.errors import GeometryError
 from autocontour.postprocess import bounding_box
 from autocontour.structures import STRUCTURES, Code, StructureDefinition, structure
 from autocontour.volume import Volume
@@ -308,6 +309,12 @@ def build_seg(
     defs = _ordered_structures(masks, shape)
     arrays = [masks[d.name] for d in defs]
     ct = volume.datasets[0]
+    frame_of_reference = volume.frame_of_reference_uid or str(ct.get("FrameOfReferenceUID", ""))
+    if not frame_of_reference:
+        raise GeometryError(
+            f"series {volume.series_instance_uid}: the CT has no FrameOfReferenceUID, so the segmentation "
+            "cannot be placed in the patient by a viewer or planning system - re-export the CT from the scanner"
+        )
     for text in (manufacturer, manufacturer_model_name, device_serial_number, algorithm_version,
                  content_description, series_description, algorithm_name, institution_name or ""):
         if len(text) > 64:
@@ -365,7 +372,7 @@ def build_seg(
     seg.SeriesNumber = series_number
     seg.SeriesDescription = series_description
     # Frame of Reference
-    seg.FrameOfReferenceUID = volume.frame_of_reference_uid or ct.FrameOfReferenceUID
+    seg.FrameOfReferenceUID = frame_of_reference
     seg.PositionReferenceIndicator = ct.get("PositionReferenceIndicator", None)
     # General Equipment, Enhanced General Equipment
     seg.Manufacturer = manufacturer

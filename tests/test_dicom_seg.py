@@ -516,6 +516,17 @@ def test_rejects_bad_input() -> None:
         _build(volume, {})
 
 
+def test_refuses_a_ct_without_frame_of_reference() -> None:
+    from autocontour.errors import GeometryError
+
+    volume = _volume(ORIENTATIONS["HFS"])
+    volume.frame_of_reference_uid = ""
+    for ds in volume.datasets:
+        del ds.FrameOfReferenceUID
+    with pytest.raises(GeometryError, match="FrameOfReferenceUID"):
+        _build(volume, _masks())
+
+
 def test_reader_refuses_other_frame_of_reference() -> None:
     volume = _volume(ORIENTATIONS["HFS"])
     seg = _build(volume, {"PTV_High": _masks()["PTV_High"]})
