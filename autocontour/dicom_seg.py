@@ -296,6 +296,7 @@ def build_seg(
         KeyError: a name is not in the structure table.
         TypeError, ValueError: a mask is not boolean or not on the volume's grid; no
             masks; the volume has no source headers for its slices.
+        GeometryError: the CT has no FrameOfReferenceUID.
     """
     t0 = time.perf_counter()
     shape = tuple(volume.array.shape)
