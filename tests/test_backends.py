@@ -229,12 +229,14 @@ def test_gpu_monitor_is_none_without_nvml_or_gpu():
     assert no_gpu.shut_down
 
 
-def test_report_uses_the_monitor_when_a_gpu_ran(tmp_path):
+def test_report_uses_the_monitor_when_a_gpu_ran(tmp_path, monkeypatch):
+    from autocontour import report
     from autocontour.report import build_report
     from autocontour.run_record import RunRecord
 
     record = RunRecord(tmp_path, tmp_path, tmp_path)
-    assert build_report(record, {})["host"]["gpu"] == backends.gpu_snapshot()  # None on a CPU machine
+    monkeypatch.setattr(report, "gpu_snapshot", lambda: {"snapshot": True})
+    assert build_report(record, {})["host"]["gpu"] == {"snapshot": True}  # no monitor: one snapshot
     monitor = backends.GpuMonitor.start(interval_s=60, nvml=FakeNvml([1234], [7]))
     record.gpu_monitor = monitor
     try:
