@@ -240,9 +240,8 @@ def _slice_normal(iop: Sequence[float]) -> np.ndarray:
     return n / np.linalg.norm(n)
 
 
-def _segments_overlap(masks: Sequence[np.ndarray]) -> bool:
-    """Whether any voxel is in two masks (checked only where their bounding boxes meet)."""
-    boxes = [bounding_box(m) for m in masks]
+def _segments_overlap(masks: Sequence[np.ndarray], boxes: Sequence[tuple[slice, ...] | None]) -> bool:
+    """Whether any voxel is in two masks (checked only where their bounding ``boxes`` meet)."""
     for a in range(len(masks)):
         for b in range(a + 1, len(masks)):
             if boxes[a] is None or boxes[b] is None:
@@ -323,7 +322,13 @@ def build_seg(
 
     # frames: segment by segment, each over its occupied slices in the order of the slice
     # normal; plane positions are numbered over the slices that hold any structure
-    occupied = [m.reshape(shape[0], -1).any(axis=1) for m in arrays]
+    boxes = [bounding_box(m) for m in arrays]
+    occupied = []
+    for m, box in zip(arrays, boxes):
+        occ = np.zeros(shape[0], bool)
+        if box is not None:  # only the box's slab can hold the structure
+            occ[box[0]] = m[box[0]].reshape(box[0].stop - box[0].start, -1).any(axis=1)
+        occupied.append(occ)
     any_occupied = np.logical_or.reduce(occupied) if occupied else np.zeros(shape[0], bool)
     positions = np.array([[float(v) for v in ds.ImagePositionPatient] for ds in volume.datasets])
     distance = positions @ _slice_normal([float(v) for v in ct.ImageOrientationPatient])
@@ -406,7 +411,7 @@ def build_seg(
     seg.Rows, seg.Columns = shape[1], shape[2]
     algorithm = _algorithm_identification(algorithm_name, algorithm_version)
     seg.SegmentSequence = [_segment_description(n, d, algorithm) for n, d in enumerate(defs, start=1)]
-    seg.SegmentsOverlap = "YES" if _segments_overlap(arrays) else "NO"
+    seg.SegmentsOverlap = "YES" if _segments_overlap(arrays, boxes) else "NO"
     # Multi-frame Dimension: segment number, then plane position
     organisation = generate_uid()
     dims = []
