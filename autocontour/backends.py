@@ -91,30 +91,15 @@ def probe_gpu() -> tuple[GpuInfo | None, str]:
 
 def gpu_snapshot() -> dict | None:
     """GPU name, memory in use and utilisation now (NVML), or None without a GPU."""
-    try:
-        import pynvml
-
-        pynvml.nvmlInit()
-    except Exception:  # noqa: BLE001 - no NVML means no GPU to report
+    monitor = GpuMonitor.open()
+    if monitor is None:
         return None
-    try:
-        h = pynvml.nvmlDeviceGetHandleByIndex(0)
-        mem = pynvml.nvmlDeviceGetMemoryInfo(h)
-        util = pynvml.nvmlDeviceGetUtilizationRates(h)
-        name = pynvml.nvmlDeviceGetName(h)
-        return {
-            "name": name.decode() if isinstance(name, bytes) else str(name),
-            "memory_used_mb": round(mem.used / 2**20, 1),
-            "memory_total_mb": round(mem.total / 2**20, 1),
-            "utilisation_percent": int(util.gpu),
-        }
-    except Exception:  # noqa: BLE001
+    monitor._sample()
+    monitor._close()
+    summary = monitor.summary()
+    if not summary["samples"]:
         return None
-    finally:
-        try:
-            pynvml.nvmlShutdown()
-        except Exception:  # noqa: BLE001
-            pass
+    return {k: summary[k] for k in ("name", "memory_used_mb", "memory_total_mb", "utilisation_percent")}
 
 
 class GpuMonitor:
@@ -140,6 +125,16 @@ class GpuMonitor:
 
     @classmethod
     def start(cls, index: int = 0, interval_s: float = 0.1, nvml=None) -> GpuMonitor | None:
+        """Open GPU ``index`` and sample it every ``interval_s`` until ``stop()``."""
+        monitor = cls.open(index, interval_s, nvml)
+        if monitor is not None:
+            monitor._sample()
+            monitor._thread.start()
+        return monitor
+
+    @classmethod
+    def open(cls, index: int = 0, interval_s: float = 0.1, nvml=None) -> GpuMonitor | None:
+        """NVML opened on GPU ``index``, not sampling yet; None without NVML or that GPU."""
         try:
             if nvml is None:
                 import pynvml as nvml
@@ -157,10 +152,7 @@ class GpuMonitor:
             except Exception:  # noqa: BLE001
                 pass
             return None
-        monitor = cls(nvml, handle, name.decode() if isinstance(name, bytes) else str(name), interval_s)
-        monitor._sample()
-        monitor._thread.start()
-        return monitor
+        return cls(nvml, handle, name.decode() if isinstance(name, bytes) else str(name), interval_s)
 
     def _sample(self) -> None:
         try:
@@ -195,9 +187,12 @@ class GpuMonitor:
         self._stop.set()
         self._thread.join(timeout=5 * self.interval_s + 1)
         self._sample()
+        self._close()
+
+    def _close(self) -> None:
         try:
             self._nvml.nvmlShutdown()
-        except Exception:  # noqa: BLE001
+        except Exception:  # noqa: BLE001 - shutdown failure is irrelevant here
             pass
 
     def summary(self) -> dict:

@@ -253,3 +253,16 @@ def test_onnx_input_name_of_the_shipped_models():
     assert {m.name: backends._onnx_input_name(m.onnx_path) for m in models} == {"hn_oar": "image", "hn_target": "image"}
     with pytest.raises(BackendUnavailable, match="could not read"):
         backends._onnx_input_name(Path("/nonexistent/model.onnx"))
+
+
+def test_gpu_snapshot_is_one_sample(monkeypatch):
+    import sys
+
+    nvml = FakeNvml([1500], [42])
+    monkeypatch.setitem(sys.modules, "pynvml", nvml)
+    assert backends.gpu_snapshot() == {
+        "name": "NVIDIA H200", "memory_used_mb": 1500.0, "memory_total_mb": 143771.0, "utilisation_percent": 42,
+    }
+    assert nvml.shut_down
+    monkeypatch.setitem(sys.modules, "pynvml", FakeNvml([0], [0], fail_init=True))
+    assert backends.gpu_snapshot() is None
