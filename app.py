@@ -157,23 +157,18 @@ def run(argv: list[str] | None = None) -> int:
             app = build_app(args, record, loaded)
         app.run()
     except AutoContourError as exc:
-        _stop_gpu_monitor(record)
         discard(staging)
         logger.error("%s: %s", type(exc).__name__, exc)
         return exc.exit_code
     except Exception:  # an unexpected failure: full traceback, no partial output
-        _stop_gpu_monitor(record)
         discard(staging)
         logger.exception("internal error; no output written")
         return AutoContourError.exit_code
-    _stop_gpu_monitor(record)
+    finally:
+        if record is not None and record.gpu_monitor is not None:
+            record.gpu_monitor.stop()
     logger.info("done in %.1f s", time.perf_counter() - t0)
     return 0
-
-
-def _stop_gpu_monitor(record: RunRecord | None) -> None:
-    if record is not None and record.gpu_monitor is not None:
-        record.gpu_monitor.stop()
 
 
 if __name__ == "__main__":
