@@ -39,11 +39,16 @@ $(TRAIN_VENV)/.installed: requirements-train.txt requirements.txt
 
 train-venv: $(TRAIN_VENV)/.installed
 
-## train both default models (resumable; see training/README.md)
+## train both default models, side by side, one thread each (resumes the committed stage in
+## training/checkpoints/<task>/state.pt; a clean clone continues where the last run stopped)
+TRAIN_TASKS ?= hn_oar hn_target
+TRAIN_ARGS ?=
 train: train-venv
-	$(TPY) -m training.train --task hn_oar --iterations 8000 --threads 2 --stop-at 3000
-	$(TPY) -m training.train --task hn_oar --iterations 8000 --threads 2 --recall-weight 0.1
-	$(TPY) -m training.train --task hn_target --iterations 4500
+	mkdir -p training/runs
+	pids=""; for t in $(TRAIN_TASKS); do \
+	  $(TPY) -m training.train --task $$t --init models/$$t/model.ts $(TRAIN_ARGS) >> training/runs/$$t.log 2>&1 & pids="$$pids $$!"; \
+	  echo "training $$t (log: training/runs/$$t.log)"; \
+	done; trap 'kill $$pids' INT TERM; wait $$pids
 
 export: train-venv
 	$(TPY) -m training.export --task hn_oar --version 1.1.0

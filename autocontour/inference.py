@@ -20,11 +20,12 @@ from scipy import ndimage
 
 from autocontour.backends import WINDOW_BATCH, Backend
 from autocontour.model_config import ModelConfig
+from autocontour.structures import mirror_partner
 from autocontour.volume import Volume, to_canonical
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["segment", "resample_linear", "sliding_window", "body_box", "to_model_grid", "masks_on_patient_grid"]
+__all__ = ["segment", "mirrored", "mirror_permutation", "resample_linear", "sliding_window", "body_box", "to_model_grid", "masks_on_patient_grid"]
 
 _GRID_LOCK = threading.Lock()
 BODY_HU = -400.0  # air/body threshold for the crop
@@ -193,8 +194,38 @@ def _model_grid_image(volume: Volume, canon: np.ndarray, step: np.ndarray) -> np
         return cache[key]
 
 
-def segment(volume: Volume, model: ModelConfig, backend: Backend) -> dict[str, np.ndarray]:
-    """Masks (bool, the volume's (k, j, i) order) for each label of ``model``."""
+def mirror_permutation(model: ModelConfig) -> list[int]:
+    """Output channel order of the left-right mirrored image: each lateral structure's
+    channel swapped with its partner's (``Parotid_L`` <-> ``Parotid_R``, from the structure
+    table), every other channel (background too) in place."""
+    first = 1 if model.kind == "softmax" else 0
+    perm = list(range(len(model.labels) + first))
+    for i, name in enumerate(model.labels):
+        partner = mirror_partner(name)
+        if partner is not None and partner in model.labels:
+            perm[i + first] = model.labels.index(partner) + first
+    return perm
+
+
+def mirrored(predict, perm: list[int]):
+    """Test-time mirroring: ``predict`` averaged (logits) with its prediction on the patient
+    mirrored left-right (the canonical x axis), channels swapped back by ``perm``."""
+
+    def both(x: np.ndarray) -> np.ndarray:
+        a = predict(x)
+        b = predict(np.ascontiguousarray(x[..., ::-1]))[:, perm, ..., ::-1]
+        a += b
+        a *= 0.5
+        return a
+
+    return both
+
+
+def segment(volume: Volume, model: ModelConfig, backend: Backend, mirror: bool = False) -> dict[str, np.ndarray]:
+    """Masks (bool, the volume's (k, j, i) order) for each label of ``model``.
+
+    ``mirror``: test-time mirroring (``mirrored``), twice the network time.
+    """
     view = to_canonical(volume)
     canon = view.forward(volume.array)
     step = np.array(model.spacing_zyx) / np.array(view.spacing_zyx)  # source voxels per model voxel
@@ -204,7 +235,8 @@ def segment(volume: Volume, model: ModelConfig, backend: Backend) -> dict[str, n
     lo, hi = model.window_hu
     x = (np.clip(crop, lo, hi) - lo) / (hi - lo)
     n_out = len(model.labels) + (1 if model.kind == "softmax" else 0)
-    logits = sliding_window(x.astype(np.float32), model.patch_zyx, backend.predict, n_out)
+    predict = mirrored(backend.predict, mirror_permutation(model)) if mirror else backend.predict
+    logits = sliding_window(x.astype(np.float32), model.patch_zyx, predict, n_out)
     probs = _to_probabilities(logits, model.kind)
     masks = {name: np.zeros(volume.array.shape, bool) for name in model.labels}
     found = False

@@ -10,7 +10,7 @@ import re
 from dataclasses import dataclass
 from enum import Enum
 
-__all__ = ["Code", "Laterality", "StructureDefinition", "STRUCTURES", "structure"]
+__all__ = ["Code", "Laterality", "StructureDefinition", "STRUCTURES", "structure", "mirror_partner"]
 
 
 class Laterality(str, Enum):
@@ -106,3 +106,17 @@ def structure(name: str) -> StructureDefinition:
         return _BY_NAME[name]
     except KeyError:
         raise KeyError(f"Unknown structure {name!r}. Valid structures: {', '.join(_BY_NAME)}") from None
+
+
+def mirror_partner(name: str) -> str | None:
+    """The structure a left-right mirror image turns ``name`` into: the table's structure of
+    the same type with the opposite laterality (``Parotid_L`` -> ``Parotid_R``), or None for
+    a structure without laterality."""
+    s = structure(name)
+    if s.laterality is Laterality.NONE:
+        return None
+    other = Laterality.RIGHT if s.laterality is Laterality.LEFT else Laterality.LEFT
+    for t in STRUCTURES:
+        if t.type == s.type and t.laterality is other:
+            return t.name
+    return None

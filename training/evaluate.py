@@ -23,14 +23,16 @@ from autocontour.backends import select_backend
 from autocontour.inference import segment
 from autocontour.model_config import load_model_config
 from autocontour.volume import Volume
-from training.data import OPENKBP_ROIS, load_openkbp
+from training import metrics
+from training.data import Case, load_openkbp
+from training.tasks import reference_mask
 
 logger = logging.getLogger("training.evaluate")
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def case_volume(path: Path) -> tuple[Volume, dict[str, np.ndarray | None]]:
-    """An OpenKBP patient as a Volume (canonical LPS axes) and its reference masks by ROI name."""
+def case_volume(path: Path) -> tuple[Volume, Case]:
+    """An OpenKBP patient as a Volume (canonical LPS axes) and the case with its references."""
     case = load_openkbp(path)
     dz, dy, dx = case.spacing_zyx
     affine = np.eye(4)
@@ -38,45 +40,83 @@ def case_volume(path: Path) -> tuple[Volume, dict[str, np.ndarray | None]]:
     affine[:3, 1] = (0, dy, 0)
     affine[:3, 2] = (dx, 0, 0)
     vol = Volume(array=case.ct.astype(np.float32), affine=affine, series_instance_uid=path.stem)
-    refs = {n: (case.masks[i] if case.present[i] else None) for i, n in enumerate(OPENKBP_ROIS)}
-    return vol, refs
+    return vol, case
 
 
-def dice(a: np.ndarray, b: np.ndarray) -> float:
-    s = a.sum() + b.sum()
-    return float(2 * (a & b).sum() / s) if s else 1.0
+# Organs contoured over a clinician-chosen length: also scored on the reference's own slices
+# (as the AAPM 2017 thoracic challenge scored cord and esophagus); the headline figure uses it.
+PARTIAL_LENGTH = ("Brainstem", "SpinalCord", "Esophagus")
+SURFACE_TOLERANCE_MM = 3.0
 
 
-def evaluate(models_dir: Path, names: list[str], data: Path, limit: int | None) -> dict:
+def score(pred: np.ndarray, ref: np.ndarray, spacing_zyx: tuple[float, float, float], partial: bool) -> dict:
+    """Dice, surface Dice at 3 mm and HD95 (mm) of one structure; for partial-length organs
+    also the three on the reference's slices only (``*_ref_slices``)."""
+    out = {
+        "dice": metrics.dice(pred, ref),
+        "surface_dice_3mm": metrics.surface_dice(pred, ref, spacing_zyx, SURFACE_TOLERANCE_MM),
+        "hd95_mm": metrics.hd95(pred, ref, spacing_zyx),
+    }
+    if partial:
+        p, r = metrics.restrict_to_slices(pred, ref)
+        out["dice_ref_slices"] = metrics.dice(p, r)
+        out["surface_dice_3mm_ref_slices"] = metrics.surface_dice(p, r, spacing_zyx, SURFACE_TOLERANCE_MM)
+        out["hd95_mm_ref_slices"] = metrics.hd95(p, r, spacing_zyx)
+    return out
+
+
+def summarise(per: dict[str, list[dict]]) -> dict:
+    """Per-structure means (NaN HD95 of empty predictions left out and counted) and the
+    headline mean Dice over structures, partial-length organs on their reference's slices."""
+    table, headline = {}, {}
+    for label, rows in per.items():
+        keys = rows[0].keys()
+        entry = {}
+        for k in keys:
+            vals = np.array([r[k] for r in rows], float)
+            entry[k] = round(float(np.nanmean(vals)), 4) if np.isfinite(vals).any() else None
+        entry["cases"] = len(rows)
+        entry["empty_predictions"] = int(sum(np.isnan(r["hd95_mm"]) for r in rows))
+        table[label] = entry
+        headline[label] = entry.get("dice_ref_slices", entry["dice"])
+    return {
+        "per_structure": table,
+        "headline_dice_per_structure": headline,
+        "headline_dice_mean": round(float(np.mean(list(headline.values()))), 4),
+        "headline_dice_min_structure": min(headline, key=headline.get),
+        "headline_rule": "mean Dice over structures; " + ", ".join(PARTIAL_LENGTH)
+        + " on the reference's slices only",
+    }
+
+
+def evaluate(models_dir: Path, names: list[str], data: Path, limit: int | None, mirror: bool = True) -> dict:
     cfgs = [load_model_config(models_dir / n) for n in names]
     backends = {c.name: select_backend(c, "cpu")[0] for c in cfgs}
     paths = sorted(data.glob("*.npz"), key=lambda p: int(p.stem.split("_")[-1]))[:limit]
-    scores: dict[str, dict[str, list[float]]] = {c.name: {} for c in cfgs}
+    per: dict[str, dict[str, list[dict]]] = {c.name: {} for c in cfgs}
     seconds: dict[str, list[float]] = {c.name: [] for c in cfgs}
     for path in paths:
-        vol, refs = case_volume(path)
+        vol, case = case_volume(path)
         for cfg in cfgs:
             t0 = time.perf_counter()
-            masks = segment(vol, cfg, backends[cfg.name])
+            masks = segment(vol, cfg, backends[cfg.name], mirror=mirror)
             seconds[cfg.name].append(time.perf_counter() - t0)
             yml = yaml.safe_load((cfg.folder / "model.yaml").read_text())
             for label in cfg.labels:
-                rois = yml["output"]["source_rois"][label]
-                if any(refs[r] is None for r in rois):
+                ref = reference_mask(tuple(yml["output"]["source_rois"][label]), case)
+                if ref is None:
                     continue
-                ref = np.any([refs[r] for r in rois], axis=0)
-                scores[cfg.name].setdefault(label, []).append(dice(masks[label], ref))
-        logger.info("%s: %s", path.stem, {m: {k: round(v[-1], 3) for k, v in s.items()} for m, s in scores.items()})
+                row = score(masks[label], ref, case.spacing_zyx, label in PARTIAL_LENGTH)
+                per[cfg.name].setdefault(label, []).append(row)
+        logger.info("%s: %s", path.stem,
+                    {m: {k: round(v[-1]["dice"], 3) for k, v in s.items()} for m, s in per.items()})
     result = {}
-    for name, per in scores.items():
-        means = {k: round(float(np.mean(v)), 4) for k, v in per.items()}
+    for name, rows in per.items():
         result[name] = {
             "data": str(data.relative_to(data.parents[2])) if len(data.parents) > 2 else str(data),
             "patients": len(paths),
-            "dice_mean_per_structure": means,
-            "cases_per_structure": {k: len(v) for k, v in per.items()},
-            "dice_mean_over_structures": round(float(np.mean(list(means.values()))), 4),
-            "dice_min_structure": min(means, key=means.get),
+            "test_time_mirroring": mirror,
+            **summarise(rows),
             "seconds_per_patient": round(float(np.mean(seconds[name])), 3),
         }
     return result
@@ -88,16 +128,20 @@ def main() -> None:
     ap.add_argument("--models-dir", type=Path, default=ROOT / "models")
     ap.add_argument("--data", type=Path, default=ROOT.parent / "shared/data/openkbp/validation")
     ap.add_argument("--limit", type=int)
+    ap.add_argument("--no-mirror", action="store_true", help="without test-time mirroring (ablation)")
+    ap.add_argument("--json", type=Path, help="also write the result to this file")
     ap.add_argument("--write", action="store_true", help="store the result in models/<name>/model.yaml")
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-    result = evaluate(args.models_dir, args.models, args.data, args.limit)
+    result = evaluate(args.models_dir, args.models, args.data, args.limit, mirror=not args.no_mirror)
+    if args.json:
+        args.json.write_text(json.dumps(result, indent=1))
     print(json.dumps(result, indent=1))  # noqa: T201 - this is a command-line report
     if args.write:
         for name in args.models:
             p = args.models_dir / name / "model.yaml"
             meta = yaml.safe_load(p.read_text())
-            meta["validation"] = {**result[name], "command": "python -m training.evaluate --write"}
+            meta["validation"] = {**result[name], "command": "python -m training.evaluate --write" + (" --no-mirror" if args.no_mirror else "")}
             p.write_text(yaml.safe_dump(meta, sort_keys=False, width=120))
 
 

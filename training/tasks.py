@@ -10,6 +10,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from training.augment import known_slices
 from training.data import OPENKBP_ROIS, Case
 
 
@@ -24,27 +25,60 @@ class Task:
     patch_zyx: tuple[int, int, int] = (64, 80, 80)
     channels: tuple[int, ...] = (16, 32, 64, 128, 256)
     description: str = ""
+    # outputs contoured over a clinician-chosen length: known only between the reference's
+    # first and last slice (training/augment.known_slices)
+    partial_length: tuple[str, ...] = ()
 
     @property
     def out_channels(self) -> int:
         return len(self.outputs) + (1 if self.kind == "softmax" else 0)
 
+    @property
+    def mirror_pairs(self) -> tuple[tuple[int, int], ...]:
+        """Output index pairs that swap under left-right mirroring (``X_L`` <-> ``X_R``)."""
+        names = [n for n, _ in self.outputs]
+        return tuple(
+            (i, names.index(n[:-2] + "_R")) for i, n in enumerate(names) if n.endswith("_L") and n[:-2] + "_R" in names
+        )
+
     def targets(self, case: Case) -> tuple[np.ndarray, np.ndarray]:
         """(target array, known flag per output) for one case.
 
-        softmax: int64 label map (0 = background); sigmoid: float (n_out, z, y, x).
-        An output whose ROIs were not all contoured is unknown (flag False).
+        softmax: uint8 label map (0 = background); sigmoid: uint8 (n_out, z, y, x) of 0/1
+        (small in memory: the trainer holds 160 patients and casts each batch).
+        Each output follows ``reference_mask``: known when its first ROI was contoured.
         """
-        idx = {n: i for i, n in enumerate(OPENKBP_ROIS)}
-        known = np.array([all(case.present[idx[r]] for r in rois) for _, rois in self.outputs])
+        refs = [reference_mask(rois, case) for _, rois in self.outputs]
+        known = np.array([r is not None for r in refs])
         if self.kind == "softmax":
-            lab = np.zeros(case.ct.shape, np.int64)
-            for ch, (_, rois) in enumerate(self.outputs, start=1):
-                for r in rois:
-                    lab[case.masks[idx[r]]] = ch
+            lab = np.zeros(case.ct.shape, np.uint8)
+            for ch, ref in enumerate(refs, start=1):
+                if ref is not None:
+                    lab[ref] = ch
             return lab, known
-        tgt = np.stack([np.any([case.masks[idx[r]] for r in rois], axis=0) for _, rois in self.outputs])
-        return tgt.astype(np.float32), known
+        tgt = np.stack([r if r is not None else np.zeros(case.ct.shape, bool) for r in refs])
+        return tgt.astype(np.uint8), known
+
+    def known_slices(self, case: Case) -> np.ndarray:
+        """(n_out, z) bool: on which slices each output's reference is valid (see augment.known_slices)."""
+        refs = [reference_mask(rois, case) for _, rois in self.outputs]
+        return known_slices(
+            np.array([r is not None for r in refs]), refs, tuple(n in self.partial_length for n, _ in self.outputs)
+        )
+
+
+def reference_mask(rois: tuple[str, ...], case: Case) -> np.ndarray | None:
+    """The reference of an output made of ``rois``, or None when it is unknown for ``case``.
+
+    The first ROI defines the output: when it was not contoured the output is unknown.  The
+    reference is the union of the listed ROIs that were contoured; OpenKBP stores the dose
+    levels as disjoint shells, so the nested clinical volumes are unions (``PTV_Mid`` =
+    PTV63 + PTV70), and a patient without a PTV63 has no intermediate level to learn from.
+    """
+    idx = {n: i for i, n in enumerate(OPENKBP_ROIS)}
+    if not case.present[idx[rois[0]]]:
+        return None
+    return np.any([case.masks[idx[r]] for r in rois if case.present[idx[r]]], axis=0)
 
 
 TASKS = {
@@ -61,11 +95,17 @@ TASKS = {
             ("Bone_Mandible", ("Mandible",)),
         ),
         description="Head-and-neck organs at risk (mutually exclusive labels)",
+        partial_length=("Brainstem", "SpinalCord", "Esophagus"),
     ),
     "hn_target": Task(
         name="hn_target",
         kind="sigmoid",
-        outputs=(("PTV_High", ("PTV70",)),),
-        description="High-dose planning target volume (the PTV70 region)",
+        outputs=(
+            ("PTV_High", ("PTV70",)),
+            ("PTV_Mid", ("PTV63", "PTV70")),
+            ("PTV_Low", ("PTV56", "PTV63", "PTV70")),
+        ),
+        description="Planning target volumes at three nested dose levels (PTV_High = PTV70, PTV_Mid = PTV63 + PTV70, "
+        "PTV_Low = PTV56 + PTV63 + PTV70)",
     ),
 }

@@ -1,12 +1,25 @@
-"""Train one default model on OpenKBP ``train`` (CPU, resumable).
+"""Train one default model on OpenKBP ``train``: resumable across machines and sessions.
 
-    python -m training.train --task hn_oar --iterations 6000 --seed 20261122
+    python -m training.train --task hn_oar --init models/hn_oar/model.ts   # what `make train` runs
 
-Checkpoints go to ``training/runs/<task>/`` every ``--ckpt-every`` iterations (``last.pt``)
-and the best internal-holdout checkpoint is kept as ``best.pt``.  Re-running the same
-command resumes from ``last.pt``.  The last ``--holdout`` train patients (by patient
-number) are held out for checkpoint selection; the OpenKBP ``validation`` set is never
-seen here (``training/evaluate.py`` measures it on the exported ONNX model).
+A *stage* is one poly learning-rate schedule of ``--iterations`` iterations with one
+recipe (learning rate, warm-up, seed, recall weight, warm start, augmentation on/off).
+Its state lives in ``training/checkpoints/<task>/`` and is committed to the repository:
+
+* ``state.pt``: weights and AdamW moments in float16, the iteration, the stage's settings
+  and the held-out learning curve; running the command again (on any machine, CPU or
+  CUDA GPU) resumes it with the stage's own settings, whatever options are given;
+* ``best.pt``: float16 weights of the best held-out checkpoint (what ``training.export``
+  exports);
+* ``history.json``: the learning curve (per-structure held-out Dice by iteration).
+
+``--new-stage`` starts a new one (``--init`` warm-starts it from a released model.ts).
+The patch sampler is re-seeded from (seed, iteration), so a resumed stage draws the same
+patches as an uninterrupted one would.  The last ``--holdout`` train patients (by patient
+number) are held out for checkpoint selection, scored on the slices where each structure
+is known (partial-length organs on their reference's slices only); the OpenKBP
+``validation`` set is never seen here (``training/evaluate.py`` measures it on the
+exported ONNX model).
 """
 
 from __future__ import annotations
@@ -24,6 +37,7 @@ import torch.nn.functional as F
 from monai.inferers import sliding_window_inference
 from monai.networks.nets import UNet
 
+from training.augment import NO_AUGMENTATION, AugmentConfig, augment_intensity, cut_patch, mirror_lr
 from training.data import Case, cached_cases
 from training.tasks import TASKS, Task
 
@@ -50,34 +64,25 @@ def normalise(ct: np.ndarray, task: Task) -> np.ndarray:
 
 
 class Sampler:
-    """Random patches, two thirds centred on a voxel of a known structure.
+    """Random augmented patches, two thirds centred on a voxel of a known structure.
 
     The structure is drawn with weight 1 / (fraction of patients that have it), so a
     structure contoured for a third of the patients is centred as often as one contoured
-    for all of them.
+    for all of them.  Each patch goes through ``training.augment`` (rotation, scaling,
+    left-right mirroring with the laterality pairs swapped, intensity transforms) and
+    carries its per-slice "known" flags (partial-length organs, missing structures).
     """
 
-    def __init__(self, cases: list[Case], task: Task, rng: np.random.Generator):
-        self.task, self.rng = task, rng
+    def __init__(self, cases: list[Case], task: Task, rng: np.random.Generator, cfg: AugmentConfig):
+        self.task, self.rng, self.cfg = task, rng, cfg
         self.items = []
         for c in cases:
             tgt, known = task.targets(c)
-            self.items.append((normalise(c.ct, task), tgt, known))
-        self.class_weight = 1.0 / np.maximum(np.mean([k for _, _, k in self.items], axis=0), 1e-3)
-
-    def _crop(self, arr: np.ndarray, start: np.ndarray, pad_value: float) -> np.ndarray:
-        p = np.array(self.task.patch_zyx)
-        sp = arr.shape[-3:]
-        lo = np.maximum(start, 0)
-        hi = np.minimum(start + p, sp)
-        out = np.full(arr.shape[:-3] + tuple(p), pad_value, dtype=arr.dtype)
-        dst = tuple(slice(a - s, b - s) for a, b, s in zip(lo, hi, start))
-        src = tuple(slice(a, b) for a, b in zip(lo, hi))
-        out[(..., *dst)] = arr[(..., *src)]
-        return out
+            self.items.append((normalise(c.ct, task), tgt, known, task.known_slices(c)))
+        self.class_weight = 1.0 / np.maximum(np.mean([k for _, _, k, _ in self.items], axis=0), 1e-3)
 
     def sample(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        img, tgt, known = self.items[self.rng.integers(len(self.items))]
+        img, tgt, known, known_z = self.items[self.rng.integers(len(self.items))]
         p = np.array(self.task.patch_zyx)
         centre = None
         if self.rng.random() < 0.67:
@@ -89,26 +94,28 @@ class Sampler:
                 centre = fg[self.rng.integers(len(fg))]
         if centre is None:
             centre = np.array([self.rng.integers(s) for s in img.shape])
-        start = centre - p // 2 + self.rng.integers(-p // 4, p // 4 + 1)
-        x = self._crop(img, start, 0.0)
-        y = self._crop(tgt, start, 0)
-        # intensity augmentation: small scale and shift on the normalised image
-        x = x * self.rng.uniform(0.9, 1.1) + self.rng.uniform(-0.05, 0.05)
-        return x[None].astype(np.float32), y, known
+        centre = centre + self.rng.integers(-p // 4, p // 4 + 1)
+        patch = cut_patch(img, tgt, known_z, centre, self.task.patch_zyx, self.rng, self.cfg)
+        if self.task.mirror_pairs is not None and self.rng.random() < self.cfg.p_mirror:
+            patch = mirror_lr(patch, self.task.mirror_pairs, self.task.kind == "softmax")
+        x = augment_intensity(patch.image, self.rng, self.cfg)
+        return x[None], patch.target, patch.known_z
 
 
 # Weight of the per-structure recall term of softmax_marginal_loss (see there).
-RECALL_WEIGHT = 0.5
+RECALL_WEIGHT = 0.1
 
 
 def softmax_marginal_loss(
-    logits: torch.Tensor, labels: torch.Tensor, known: torch.Tensor, recall_weight: float = RECALL_WEIGHT
+    logits: torch.Tensor, labels: torch.Tensor, known_z: torch.Tensor, recall_weight: float = RECALL_WEIGHT
 ) -> torch.Tensor:
     """Cross-entropy + soft Dice + per-structure recall, unknown structures merged into background.
 
-    A structure not contoured for a patient may be present in the image, so its
-    probability counts as "background" (marginal loss, Shi et al. 2021) and it is left
-    out of the Dice term.
+    ``known_z`` (B, n_out, Z) says on which slices of the patch each structure's reference
+    is valid.  Where a structure is unknown (not contoured for this patient, or beyond the
+    length the clinician contoured a tubular organ over) it may still be in the image, so
+    there its probability counts as "background" (marginal loss, Shi et al. 2021), and its
+    Dice term only sees the slices where it is known.
 
     The recall term is the mean over the structures in the patch of the mean -log p
     inside each structure.  Without it a small structure whose probability has fallen
@@ -120,68 +127,64 @@ def softmax_marginal_loss(
 
     The term has no counterweight of its own, so a large weight over-segments: with 0.5,
     at iteration 2500 of hn_oar 1.1.0 every organ was predicted 2-4x its contoured volume
-    on the held-out patients (Dice 0.3-0.75).  The released run used 0.5 until iteration
-    3000 (to bring Esophagus and Larynx up) and 0.1 from there on (``--recall-weight``).
+    on the held-out patients (Dice 0.3-0.75).  hn_oar 1.1.0 used 0.5 until iteration 3000
+    and 0.1 from there on; 0.1 is the default.
     """
     # log-space throughout: clamping probabilities before the log zeroes the gradient of any
     # class whose probability fell below the clamp, and it never comes back (this silenced
     # Esophagus and Larynx in hn_oar 1.0.0 before iteration 3000)
-    logp_all = torch.log_softmax(logits.float(), dim=1)
-    losses = []
-    for b in range(logits.shape[0]):
-        logp = logp_all[b]
-        unknown = (~known[b]).nonzero().flatten() + 1
-        if len(unknown):
-            bg = torch.logsumexp(torch.cat([logp[0:1], logp[unknown]], 0), 0, keepdim=True)
-            keep = torch.ones(logp.shape[0], dtype=torch.bool)
-            keep[unknown] = False
-            keep[0] = False
-            logp = torch.cat([bg, logp[keep]], 0)
-            kept_ids = torch.cat([torch.tensor([0]), keep.nonzero().flatten()])
-            remap = torch.zeros(logp_all.shape[1], dtype=torch.long)
-            remap[kept_ids] = torch.arange(len(kept_ids))
-            lab = remap[labels[b]]
-        else:
-            lab = labels[b]
-        ce = F.nll_loss(logp[None], lab[None])
-        p = logp.exp()
-        onehot = F.one_hot(lab, p.shape[0]).permute(3, 0, 1, 2).float()
-        # Dice only for structures inside this patch: a Dice term for a structure absent from
-        # the patch pushes its probability to zero everywhere (it silenced the rarely-seen
-        # Esophagus and Larynx in the first 2500 iterations of hn_oar 1.0.0).
-        in_patch = onehot[1:].sum((1, 2, 3)) > 0
-        inter = (p[1:] * onehot[1:]).sum((1, 2, 3))
-        denom = p[1:].sum((1, 2, 3)) + onehot[1:].sum((1, 2, 3))
-        dice = 1 - (2 * inter + 1e-3) / (denom + 1e-3)
-        total = ce
-        if in_patch.any():
-            total = total + dice[in_patch].mean()
-            nll_in = -(logp[1:] * onehot[1:]).sum((1, 2, 3)) / onehot[1:].sum((1, 2, 3)).clamp_min(1)
-            total = total + recall_weight * nll_in[in_patch].mean()
-        losses.append(total)
-    return torch.stack(losses).mean()
+    logp = torch.log_softmax(logits.float(), dim=1)  # B, C, Z, Y, X
+    known = known_z[:, :, :, None, None]  # B, n, Z, 1, 1
+    fg = logp[:, 1:]
+    unknown_fg = torch.where(known, torch.full_like(fg[:, :, :, :1, :1], -torch.inf), fg)
+    bg = torch.logsumexp(torch.cat([logp[:, :1], unknown_fg], 1), 1)  # background + unknown
+    lab = labels.clone()
+    # a label on a slice where its structure is unknown cannot happen by construction; be safe
+    onehot = F.one_hot(lab, logp.shape[1]).permute(0, 4, 1, 2, 3)[:, 1:].bool()  # B, n, Z, Y, X
+    onehot &= known
+    lab[~onehot.any(1)] = 0
+    picked = logp.gather(1, lab[:, None])[:, 0]
+    ce = -torch.where(lab > 0, picked, bg).mean()
+    p = fg.exp() * known
+    oh = onehot.float()
+    size = oh.sum((2, 3, 4))
+    in_patch = size > 0  # B, n: Dice only for structures inside this patch (see below)
+    # A Dice term for a structure absent from the patch pushes its probability to zero
+    # everywhere (it silenced the rarely-seen Esophagus and Larynx in hn_oar 1.0.0).
+    inter = (p * oh).sum((2, 3, 4))
+    dice = 1 - (2 * inter + 1e-3) / (p.sum((2, 3, 4)) + size + 1e-3)
+    total = ce
+    if in_patch.any():
+        total = total + dice[in_patch].mean()
+        nll_in = -(fg * oh).sum((2, 3, 4)) / size.clamp_min(1)
+        total = total + recall_weight * nll_in[in_patch].mean()
+    return total
 
 
-def sigmoid_loss(logits: torch.Tensor, target: torch.Tensor, known: torch.Tensor) -> torch.Tensor:
+def sigmoid_loss(logits: torch.Tensor, target: torch.Tensor, known_z: torch.Tensor) -> torch.Tensor:
+    """BCE + soft Dice per output, only on the slices where the output is known."""
     logits = logits.float()
-    w = known.float()[:, :, None, None, None].expand_as(logits)
-    bce = F.binary_cross_entropy_with_logits(logits, target, weight=w)
+    w = known_z[:, :, :, None, None].float().expand_as(logits)
+    bce = F.binary_cross_entropy_with_logits(logits, target, weight=w, reduction="sum") / w.sum().clamp_min(1)
     p = torch.sigmoid(logits) * w
-    inter = (p * target).sum((2, 3, 4))
-    denom = p.sum((2, 3, 4)) + (target * w).sum((2, 3, 4))
+    t = target * w
+    inter = (p * t).sum((2, 3, 4))
+    denom = p.sum((2, 3, 4)) + t.sum((2, 3, 4))
     dice = 1 - (2 * inter + 1e-3) / (denom + 1e-3)
     # Dice only where the target is in the patch (see softmax_marginal_loss)
-    use = known & (target.sum((2, 3, 4)) > 0)
+    use = t.sum((2, 3, 4)) > 0
     return bce + (dice * use).sum() / use.sum().clamp_min(1)
 
 
 def holdout_dice(net: torch.nn.Module, cases: list[Case], task: Task) -> list[float]:
-    """Mean Dice per output over the holdout cases (known structures only)."""
+    """Mean Dice per output over the holdout cases, on the slices where the output is known
+    (partial-length organs on their reference's slices only)."""
     net.eval()
     scores: list[list[float]] = [[] for _ in task.outputs]
     with torch.inference_mode():
         for c in cases:
             tgt, known = task.targets(c)
+            kz = task.known_slices(c)
             x = torch.from_numpy(normalise(c.ct, task))[None, None]
             out = sliding_window_inference(x, task.patch_zyx, 1, net, overlap=0.25, mode="gaussian")[0]
             if task.kind == "softmax":
@@ -192,66 +195,138 @@ def holdout_dice(net: torch.nn.Module, cases: list[Case], task: Task) -> list[fl
                 masks = [(pred[i], tgt[i] > 0) for i in range(len(task.outputs))]
             for i, (p, t) in enumerate(masks):
                 if known[i] and t.any():
+                    p, t = p[kz[i]], t[kz[i]]
                     scores[i].append(2 * (p & t).sum() / (p.sum() + t.sum()))
     net.train()
     return [float(np.mean(s)) if s else float("nan") for s in scores]
+
+
+def init_from_torchscript(net: torch.nn.Module, path: Path) -> None:
+    """Warm start from a released model's TorchScript file (same architecture).
+
+    An output layer with fewer channels than the network's is replicated across them, so
+    a one-level target model can seed a three-level one.
+    """
+    src = torch.jit.load(str(path), map_location="cpu").state_dict()
+    dst = net.state_dict()
+    for k, v in dst.items():
+        w = src[k]
+        if w.shape != v.shape:
+            if w.ndim > 1 and w.shape[:2] == (1, 1) and v.shape[0] == v.shape[1]:
+                # a 1 -> 1 channel convolution becomes n independent copies (no mixing)
+                eye = torch.eye(v.shape[0]).reshape(v.shape[0], v.shape[1], *([1] * (w.ndim - 2)))
+                w = eye * w
+            elif w.shape[0] == 1 or (w.ndim > 1 and w.shape[1] == 1):
+                reps = [v.shape[i] // w.shape[i] for i in range(w.ndim)]
+                w = w.repeat(*reps)
+            if w.shape != v.shape:
+                raise ValueError(f"{path}: {k} has shape {tuple(w.shape)}, the network needs {tuple(v.shape)}")
+        dst[k] = w.to(v.dtype)
+    net.load_state_dict(dst)
+
+
+def _cast(state, dtype: torch.dtype):
+    """Floating tensors of a (nested) state dict cast to ``dtype`` (float16 in the committed
+    checkpoint, float32 when training resumes)."""
+    if isinstance(state, torch.Tensor):
+        return state.to(dtype) if state.is_floating_point() else state
+    if isinstance(state, dict):
+        return {k: _cast(v, dtype) for k, v in state.items()}
+    if isinstance(state, list):
+        return [_cast(v, dtype) for v in state]
+    return state
+
+
+def save_atomic(obj, path: Path) -> None:
+    tmp = path.with_suffix(".tmp")
+    torch.save(obj, tmp)
+    tmp.replace(path)
+
+
+# What a stage of training is: stored in its checkpoint, so that resuming (make train, a new
+# machine, a GPU) continues the same schedule without repeating the options.
+STAGE_KEYS = ("iterations", "batch", "lr", "warmup", "seed", "recall_weight", "init", "augment")
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--task", choices=sorted(TASKS), required=True)
     ap.add_argument("--data", type=Path, default=ROOT.parent / "shared/data/openkbp/train")
-    ap.add_argument("--iterations", type=int, default=6000)
+    ap.add_argument("--iterations", type=int, default=12000, help="length of the stage's poly schedule")
     ap.add_argument("--batch", type=int, default=2)
-    ap.add_argument("--lr", type=float, default=2e-3)
-    ap.add_argument("--seed", type=int, default=20261122)
+    ap.add_argument("--lr", type=float, default=1e-3)
+    ap.add_argument("--warmup", type=int, default=200, help="linear learning-rate warm-up iterations")
+    ap.add_argument("--seed", type=int, default=20261202)
     ap.add_argument("--holdout", type=int, default=10)
     ap.add_argument("--ckpt-every", type=int, default=500)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--stop-at", type=int, help="stop after this iteration (the schedule still spans --iterations)")
     ap.add_argument("--recall-weight", type=float, default=RECALL_WEIGHT, help="softmax tasks: weight of the recall term")
-    ap.add_argument("--runs", type=Path, default=ROOT / "training/runs")
+    ap.add_argument("--init", type=Path, help="warm start from a released model.ts (new stage only)")
+    ap.add_argument("--no-augment", action="store_true", help="ablation: patches without augmentation")
+    ap.add_argument("--checkpoints", type=Path, default=ROOT / "training/checkpoints",
+                    help="where the committed, resumable stage lives (<task>/state.pt, best.pt, history.json)")
+    ap.add_argument("--new-stage", action="store_true", help="start a new stage even if a checkpoint exists")
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     torch.set_num_threads(args.threads)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     task = TASKS[args.task]
-    run = args.runs / task.name
+    run = args.checkpoints / task.name
     run.mkdir(parents=True, exist_ok=True)
+    state_path = run / "state.pt"
 
-    random.seed(args.seed)
-    np.random.seed(args.seed)
-    torch.manual_seed(args.seed)
+    net = build_network(task).to(device)
+    stage = {k: getattr(args, k.replace("-", "_")) for k in STAGE_KEYS if k != "augment"}
+    stage["init"] = str(args.init) if args.init else None
+    stage["augment"] = not args.no_augment
+    it, best, history = 0, -1.0, []
+    ck = None
+    if state_path.exists() and not args.new_stage:
+        ck = torch.load(state_path, weights_only=False, map_location="cpu")
+        stage = ck["stage"]
+        net.load_state_dict(_cast(ck["model"], torch.float32))
+        it, best, history = ck["iteration"], ck["best"], ck["history"]
+        logger.info("resumed %s at iteration %d of %d (best holdout %.3f), stage %s", state_path, it,
+                    stage["iterations"], best, stage)
+    elif args.init:
+        init_from_torchscript(net, args.init)
+        logger.info("new stage from %s: %s", args.init, stage)
+    else:
+        logger.info("new stage from scratch: %s", stage)
+    opt = torch.optim.AdamW(net.parameters(), lr=stage["lr"], weight_decay=1e-4)
+    if ck is not None and ck.get("opt") is not None:
+        opt.load_state_dict(_cast(ck["opt"], torch.float32))
+
+    random.seed(stage["seed"])
+    np.random.seed(stage["seed"])
+    torch.manual_seed(stage["seed"] + it)
     cases = cached_cases(args.data, task.spacing_zyx, ROOT / "training/cache")
     train_cases, hold_cases = cases[: -args.holdout], cases[-args.holdout :]
-    net = build_network(task)
-    opt = torch.optim.AdamW(net.parameters(), lr=args.lr, weight_decay=1e-4)
-    it, best, history = 0, -1.0, []
-    last = run / "last.pt"
-    if last.exists():
-        ck = torch.load(last, weights_only=False)
-        net.load_state_dict(ck["model"])
-        opt.load_state_dict(ck["opt"])
-        it, best, history = ck["iteration"], ck["best"], ck["history"]
-        logger.info("resumed %s at iteration %d (best holdout %.3f)", last, it, best)
-    # The sampler's stream is re-seeded from (seed, iteration) so a resumed run is repeatable.
-    sampler = Sampler(train_cases, task, np.random.default_rng([args.seed, it]))
+    # The sampler's stream is re-seeded from (seed, iteration): a resumed run is repeatable.
+    cfg = AugmentConfig() if stage["augment"] else NO_AUGMENTATION
+    sampler = Sampler(train_cases, task, np.random.default_rng([stage["seed"], it]), cfg)
+    del cases, train_cases  # the sampler holds what it needs (normalised image, uint8 targets)
     if task.kind == "softmax":
         def loss_fn(lg, y, k):
-            return softmax_marginal_loss(lg, y, k, args.recall_weight)
+            return softmax_marginal_loss(lg, y, k, stage["recall_weight"])
     else:
         loss_fn = sigmoid_loss
     net.train()
     t0, run_loss = time.time(), []
-    stop = min(args.iterations, args.stop_at or args.iterations)
+    total = stage["iterations"]
+    stop = min(total, args.stop_at or total)
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16 if device.type == "cpu" else torch.float16)
     while it < stop:
-        lr = args.lr * (1 - it / args.iterations) ** 0.9
+        lr = stage["lr"] * min(1.0, (it + 1) / max(stage["warmup"], 1)) * (1 - it / total) ** 0.9
         for g in opt.param_groups:
             g["lr"] = lr
-        batch = [sampler.sample() for _ in range(args.batch)]
-        x = torch.from_numpy(np.stack([b[0] for b in batch]))
-        y = torch.from_numpy(np.stack([b[1] for b in batch]))
-        k = torch.from_numpy(np.stack([b[2] for b in batch]))
-        with torch.autocast("cpu", dtype=torch.bfloat16):
+        batch = [sampler.sample() for _ in range(stage["batch"])]
+        x = torch.from_numpy(np.stack([b[0] for b in batch])).to(device)
+        y = torch.from_numpy(np.stack([b[1] for b in batch])).to(device)
+        y = y.long() if task.kind == "softmax" else y.float()
+        k = torch.from_numpy(np.stack([b[2] for b in batch])).to(device)
+        with autocast:
             logits = net(x)
         loss = loss_fn(logits, y, k)
         opt.zero_grad(set_to_none=True)
@@ -263,18 +338,21 @@ def main() -> None:
             logger.info("it %d loss %.4f lr %.2e %.2f s/it", it, np.mean(run_loss), lr, (time.time() - t0) / 50)
             t0, run_loss = time.time(), []
         if it % args.ckpt_every == 0 or it == stop:
-            dice = holdout_dice(net, hold_cases, task)
+            dice = holdout_dice(net.cpu(), hold_cases, task)
+            net.to(device)
             mean = float(np.nanmean(dice))
             history.append({"iteration": it, "holdout_dice": dict(zip([o[0] for o in task.outputs], dice))})
             logger.info("it %d holdout dice %s mean %.3f", it, np.round(dice, 3).tolist(), mean)
+            weights = _cast({k_: v.cpu() for k_, v in net.state_dict().items()}, torch.float16)
             if mean > best:
                 best = mean
-                torch.save({"model": net.state_dict(), "iteration": it, "holdout_mean": mean}, run / "best.pt")
-            torch.save(
-                {"model": net.state_dict(), "opt": opt.state_dict(), "iteration": it, "best": best, "history": history},
-                last,
+                save_atomic({"model": weights, "iteration": it, "holdout_mean": mean, "stage": stage}, run / "best.pt")
+            save_atomic(
+                {"model": weights, "opt": _cast(opt.state_dict(), torch.float16), "iteration": it, "best": best,
+                 "history": history, "stage": stage},
+                state_path,
             )
-            (run / "history.json").write_text(json.dumps(history, indent=1))
+            (run / "history.json").write_text(json.dumps({"stage": stage, "history": history}, indent=1))
             t0 = time.time()
     logger.info("done: %d iterations, best holdout mean Dice %.3f", it, best)
 
