@@ -25,6 +25,7 @@ exported ONNX model).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import random
@@ -262,6 +263,8 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--stop-at", type=int, help="stop after this iteration (the schedule still spans --iterations)")
     ap.add_argument("--recall-weight", type=float, default=RECALL_WEIGHT, help="softmax tasks: weight of the recall term")
+    ap.add_argument("--max-minutes", type=float,
+                    help="stop at the first checkpoint after this many minutes (a working day, a GPU lease)")
     ap.add_argument("--init", type=Path, help="warm start from a released model.ts (new stage only)")
     ap.add_argument("--no-augment", action="store_true", help="ablation: patches without augmentation")
     ap.add_argument("--checkpoints", type=Path, default=ROOT / "training/checkpoints",
@@ -314,9 +317,12 @@ def main() -> None:
         loss_fn = sigmoid_loss
     net.train()
     t0, run_loss = time.time(), []
+    started = t0
     total = stage["iterations"]
     stop = min(total, args.stop_at or total)
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16 if device.type == "cpu" else torch.float16)
+    # fp16 autocast on a GPU; plain fp32 on a CPU: bf16 autocast ran 13x slower than fp32 on
+    # this project's CPU machines (AMD EPYC, AVX2 only: 32 s vs 2.4 s per batch-2 iteration)
+    autocast = torch.autocast("cuda", dtype=torch.float16) if device.type == "cuda" else contextlib.nullcontext()
     while it < stop:
         lr = stage["lr"] * min(1.0, (it + 1) / max(stage["warmup"], 1)) * (1 - it / total) ** 0.9
         for g in opt.param_groups:
@@ -354,6 +360,9 @@ def main() -> None:
             )
             (run / "history.json").write_text(json.dumps({"stage": stage, "history": history}, indent=1))
             t0 = time.time()
+            if args.max_minutes and time.time() - started > 60 * args.max_minutes:
+                logger.info("stopping after %.1f minutes (--max-minutes)", (time.time() - started) / 60)
+                break
     logger.info("done: %d iterations, best holdout mean Dice %.3f", it, best)
 
 
