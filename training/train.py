@@ -270,6 +270,8 @@ def main() -> None:
     ap.add_argument("--checkpoints", type=Path, default=ROOT / "training/checkpoints",
                     help="where the committed, resumable stage lives (<task>/state.pt, best.pt, history.json)")
     ap.add_argument("--new-stage", action="store_true", help="start a new stage even if a checkpoint exists")
+    ap.add_argument("--reschedule", type=int, metavar="N",
+                    help="resume with the stage's poly schedule ending at iteration N instead (recorded in the stage)")
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     torch.set_num_threads(args.threads)
@@ -290,6 +292,11 @@ def main() -> None:
         stage = ck["stage"]
         net.load_state_dict(_cast(ck["model"], torch.float32))
         it, best, history = ck["iteration"], ck["best"], ck["history"]
+        if args.reschedule:
+            if args.reschedule <= it:
+                raise SystemExit(f"--reschedule {args.reschedule}: the stage is already at iteration {it}")
+            stage.setdefault("rescheduled", []).append({"at": it, "from": stage["iterations"], "to": args.reschedule})
+            stage["iterations"] = args.reschedule
         logger.info("resumed %s at iteration %d of %d (best holdout %.3f), stage %s", state_path, it,
                     stage["iterations"], best, stage)
     elif args.init:

@@ -15,8 +15,8 @@ from pathlib import Path
 
 import numpy as np
 
-from training.data import OPENKBP_ROIS
-from training.tasks import TASKS
+from training.data import Case
+from training.tasks import TASKS, reference_mask
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -25,16 +25,16 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--data", type=Path, default=ROOT.parent / "shared/data/openkbp/train")
     args = ap.parse_args()
-    idx = {n: i for i, n in enumerate(OPENKBP_ROIS)}
     volumes: dict[str, list[float]] = {}
     for path in sorted(args.data.glob("*.npz")):
         z = np.load(path)
         masks = np.unpackbits(z["masks"], axis=-1).astype(bool)
         voxel_cc = float(np.prod(z["voxel_mm"])) / 1000.0
+        case = Case(path.stem, z["ct_hu"], masks, z["roi_present"].astype(bool), (0.0, 0.0, 0.0))
         for task in TASKS.values():
             for name, rois in task.outputs:
-                if all(z["roi_present"][idx[r]] for r in rois):
-                    m = np.any([masks[idx[r]] for r in rois], axis=0)
+                m = reference_mask(rois, case)  # the rule training and evaluation use
+                if m is not None:
                     volumes.setdefault(name, []).append(float(m.sum() * voxel_cc))
     out = {}
     for name, v in volumes.items():
