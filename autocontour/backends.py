@@ -349,8 +349,7 @@ class FakeBackend:
 
     def __init__(self, model: ModelConfig, fn: Callable[[np.ndarray], np.ndarray] | None = None):
         self.model = model
-        n_out = len(model.labels) + (1 if model.kind == "softmax" else 0)
-        self.fn = fn or (lambda x: np.zeros((x.shape[0], n_out, *x.shape[2:]), np.float32))
+        self.fn = fn or (lambda x: np.zeros((x.shape[0], model.output_count, *x.shape[2:]), np.float32))
 
     def predict(self, x: np.ndarray) -> np.ndarray:
         return self.fn(x)

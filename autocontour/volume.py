@@ -44,8 +44,6 @@ class Volume:
     frame_of_reference_uid: str = ""
     sop_instance_uids: tuple[str, ...] = ()
     datasets: list = field(default_factory=list, repr=False)
-    # derived arrays shared by operators (e.g. the model-grid image both models use)
-    cache: dict = field(default_factory=dict, repr=False, compare=False)
 
     @property
     def spacing(self) -> np.ndarray:
