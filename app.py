@@ -31,7 +31,7 @@ from autocontour.backends import GPU_BACKENDS, GpuMonitor  # noqa: E402
 from autocontour.errors import AutoContourError, InputError  # noqa: E402
 from autocontour.model_config import load_models  # noqa: E402
 from autocontour.output import discard, prepare_staging  # noqa: E402
-from autocontour.run_record import RunRecord  # noqa: E402
+from autocontour.run_record import ModelUsed, RunRecord  # noqa: E402
 from autocontour.segmenter import Segmenter, open_segmenters  # noqa: E402
 from autocontour.series_selection import DEFAULT_RULES_PATH, SelectionRules  # noqa: E402
 
@@ -129,7 +129,7 @@ def run(argv: list[str] | None = None) -> int:
         staging = prepare_staging(args.output)
         record = RunRecord(args.input, args.output, staging)
         record.started = t0
-        record.info["graph_workers"] = args.workers
+        record.graph_workers = args.workers
         workdir = args.workdir or staging
         # CuPy (imported by MONAI) creates its kernel cache folder on import: keep it in the work dir
         os.environ.setdefault("CUPY_CACHE_DIR", str(Path(workdir).resolve() / "cupy-kernel-cache"))
@@ -143,9 +143,8 @@ def run(argv: list[str] | None = None) -> int:
                 "TensorRT engines are built in the staging folder and discarded after this run; "
                 "pass -w DIR (or HOLOSCAN_WORKDIR) to keep them, so that later runs skip the engine build"
             )
-        record.info["models"] = [
-            {"name": s.model.name, "version": s.model.version, "onnx_sha256": s.model.onnx_sha256,
-             "backend": s.backend.name, "labels": list(s.model.labels)}
+        record.models = [
+            ModelUsed(s.model.name, s.model.version, s.model.onnx_sha256, s.backend.name, list(s.model.labels))
             for s in segmenters
         ]
         with record.stage("startup_sdk"):
