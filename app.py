@@ -27,8 +27,9 @@ from pathlib import Path
 os.environ.setdefault("ORT_DISABLE_TELEMETRY", "1")
 
 from autocontour import APP_NAME, __version__  # noqa: E402
-from autocontour.backends import GPU_BACKENDS, GpuMonitor  # noqa: E402
+from autocontour.backends import GPU_BACKENDS  # noqa: E402
 from autocontour.errors import AutoContourError, InputError  # noqa: E402
+from autocontour.gpu import GpuMonitor  # noqa: E402
 from autocontour.model_config import load_models  # noqa: E402
 from autocontour.output import discard, prepare_staging  # noqa: E402
 from autocontour.run_record import ModelUsed, RunRecord  # noqa: E402

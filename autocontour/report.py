@@ -7,7 +7,7 @@ import platform
 from dataclasses import asdict
 
 from autocontour import APP_NAME, __version__
-from autocontour.backends import gpu_snapshot
+from autocontour.gpu import gpu_snapshot
 from autocontour.postprocess import StructureResult
 from autocontour.run_record import RunRecord
 from autocontour.structures import structure

@@ -12,10 +12,8 @@ import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
 
-if TYPE_CHECKING:
-    from autocontour.backends import GpuMonitor
+from autocontour.gpu import GpuMonitor
 
 __all__ = ["CandidateSeries", "ModelUsed", "OutputFile", "RunRecord", "SeriesChoice", "VolumeGeometry"]
 
