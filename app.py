@@ -58,7 +58,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return ap.parse_args(argv)
 
 
-def build_app(args: argparse.Namespace, record: RunRecord, segmenters: list[Segmenter]):
+def build_app(args: argparse.Namespace, record: RunRecord, segmenters: list[Segmenter], rules: SelectionRules):
     """The operator graph as a MONAI Deploy ``Application`` (imports the SDK lazily)."""
     from monai.deploy.core import Application
     from monai.deploy.conditions import CountCondition
@@ -73,7 +73,6 @@ def build_app(args: argparse.Namespace, record: RunRecord, segmenters: list[Segm
         SeriesSelectorOperator,
     )
 
-    rules = SelectionRules.from_yaml(args.rules)
     algorithm_version = f"{__version__} (" + ", ".join(f"{s.model.name} {s.model.version}" for s in segmenters) + ")"
 
     class AutoContourApp(Application):
@@ -126,6 +125,7 @@ def run(argv: list[str] | None = None) -> int:
     try:
         if not args.input.is_dir():
             raise InputError(f"input folder {args.input} does not exist - pass -i with a folder of DICOM files")
+        rules = SelectionRules.from_yaml(args.rules)
         models = load_models(args.model)
         staging = prepare_staging(args.output)
         record = RunRecord(args.input, args.output, staging)
@@ -149,7 +149,7 @@ def run(argv: list[str] | None = None) -> int:
             for s in segmenters
         ]
         with record.stage("startup_sdk"):
-            app = build_app(args, record, segmenters)
+            app = build_app(args, record, segmenters, rules)
         app.run()
     except AutoContourError as exc:
         discard(staging)
