@@ -20,7 +20,7 @@ from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset
 from pydicom.tag import BaseTag, Tag
 
-__all__ = ["put_text", "put_uint", "format_ds_array"]
+__all__ = ["put_text", "put_uint", "format_ds_array", "require_lo"]
 
 _TEXT_VRS = {"AE", "AS", "CS", "DA", "DS", "DT", "IS", "LO", "LT", "PN", "SH", "ST", "TM", "UC", "UI", "UT"}
 _UINT_DTYPES = {"US": "<u2", "UL": "<u4"}
@@ -71,3 +71,17 @@ def format_ds_array(values: np.ndarray) -> list[str]:
         raise ValueError(f"{np.abs(v).max()} is too large for a 16-character DICOM DS with 3 decimals")
     v = np.where((v > -0.0005) & (v <= 0.0), 0.0, v)  # values that would print as "-0.000"
     return list(map("{:.3f}".format, v.tolist()))
+
+
+LO_MAX_CHARS = 64  # Long String (LO): at most 64 characters
+
+
+def require_lo(text: str, what: str) -> str:
+    """``text`` unchanged if it fits a Long String (LO) element, else ValueError naming ``what``.
+
+    Both writers refuse an over-long value instead of cutting it: what the caller asked
+    to write is written whole or not at all.
+    """
+    if len(text) > LO_MAX_CHARS:
+        raise ValueError(f"{what} {text!r} is longer than {LO_MAX_CHARS} characters (LO)")
+    return text

@@ -51,7 +51,7 @@ from pydicom.sequence import Sequence as DicomSequence
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 from pydicom.valuerep import DSfloat, format_number_as_ds
 
-from autocontour.dicom_elements import put_text, put_uint
+from autocontour.dicom_elements import put_text, put_uint, require_lo
 from autocontour.errors import GeometryError
 from autocontour.postprocess import bounding_box
 from autocontour.structures import STRUCTURES, Code, StructureDefinition, structure
@@ -315,10 +315,11 @@ def build_seg(
             f"series {volume.series_instance_uid}: the CT has no FrameOfReferenceUID, so the segmentation "
             "cannot be placed in the patient by a viewer or planning system - re-export the CT from the scanner"
         )
-    for text in (manufacturer, manufacturer_model_name, device_serial_number, algorithm_version,
-                 content_description, series_description, algorithm_name, institution_name or ""):
-        if len(text) > 64:
-            raise ValueError(f"{text!r} is longer than 64 characters (LO)")
+    for what, text in (("manufacturer", manufacturer), ("manufacturer model name", manufacturer_model_name),
+                       ("device serial number", device_serial_number), ("algorithm version", algorithm_version),
+                       ("content description", content_description), ("series description", series_description),
+                       ("algorithm name", algorithm_name), ("institution name", institution_name or "")):
+        require_lo(text, what)
 
     # frames: segment by segment, each over its occupied slices in the order of the slice
     # normal; plane positions are numbered over the slices that hold any structure
@@ -597,14 +598,15 @@ def read_seg_masks(ds: Dataset, volume: Volume) -> dict[str, np.ndarray]:
         in segment-number order.
 
     Raises:
-        ValueError: not a Segmentation, another frame of reference, or frames off the
-            volume's grid.
+        ValueError: ``ds`` is not a Segmentation.
+        GeometryError: the SEG is in another frame of reference than the CT, or its
+            frames lie off the volume's grid (as ``rasterise_rtstruct``).
     """
     if str(getattr(ds, "SOPClassUID", "")) not in SEG_STORAGE_UIDS:
         raise ValueError(f"not a DICOM Segmentation (SOP class {getattr(ds, 'SOPClassUID', 'missing')})")
     seg_for = str(getattr(ds, "FrameOfReferenceUID", ""))
     if volume.frame_of_reference_uid and seg_for and seg_for != volume.frame_of_reference_uid:
-        raise ValueError(
+        raise GeometryError(
             f"SEG frame of reference {seg_for} differs from the CT's {volume.frame_of_reference_uid}: "
             "the segmentation was not made on this CT"
         )
@@ -637,7 +639,7 @@ def read_seg_masks(ds: Dataset, volume: Volume) -> dict[str, np.ndarray]:
             seg_volume = seg.get_volume(segment_numbers=numbers, skip_overlap_checks=True, dtype=np.bool_)
             stack = seg_volume.match_geometry(geometry).array
         except (RuntimeError, ValueError) as exc:
-            raise ValueError(f"the SEG's frames do not lie on the CT's voxel grid ({exc})") from exc
+            raise GeometryError(f"the SEG's frames do not lie on the CT's voxel grid ({exc})") from exc
     if stack.ndim == 3:  # a single segment may come back without the segment axis
         stack = stack[..., np.newaxis]
     return {labels[n]: np.ascontiguousarray(stack[..., s], dtype=bool) for s, n in enumerate(numbers)}

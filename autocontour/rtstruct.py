@@ -40,7 +40,7 @@ from pydicom.valuerep import format_number_as_ds
 from skimage.draw import polygon as fill_polygon
 from skimage.measure import find_contours
 
-from autocontour.dicom_elements import format_ds_array, put_text
+from autocontour.dicom_elements import format_ds_array, put_text, require_lo
 from autocontour.errors import GeometryError, OutputError
 from autocontour.postprocess import bounding_box
 from autocontour.structures import StructureDefinition, structure
@@ -302,12 +302,12 @@ def build_rtstruct(
         if np.shape(mask) != volume.array.shape:
             raise ValueError(f"mask {name!r} has shape {np.shape(mask)}, volume has {volume.array.shape}")
 
-    if len(series_description) > 64:  # LO
-        logger.warning("series description %r is longer than 64 characters; truncated", series_description)
-        series_description = series_description[:64]
+    for what, text in (("series description", series_description), ("algorithm name", algorithm_name),
+                       ("algorithm version", algorithm_version)):
+        require_lo(text, what)
     now = datetime.now()
     date, time = now.strftime("%Y%m%d"), now.strftime("%H%M%S")
-    generation = f"{algorithm_name} {algorithm_version}"[:64]
+    generation = require_lo(f"{algorithm_name} {algorithm_version}", "algorithm name and version")
 
     ds = Dataset()
     # SOP Common

@@ -516,6 +516,15 @@ def test_rejects_bad_input() -> None:
         _build(volume, {})
 
 
+@pytest.mark.parametrize("key", ["series_description", "algorithm_name", "algorithm_version"])
+def test_over_long_text_is_refused_not_cut(key) -> None:
+    """As the RTSTRUCT writer: a Long String over 64 characters is an error naming it."""
+    volume = _volume(ORIENTATIONS["HFS"])
+    args = dict(algorithm_name="autocontour-test", algorithm_version="1.2.3", series_description="AI contours (test)")
+    with pytest.raises(ValueError, match=f"{key.replace('_', ' ')} 'xxx+' is longer than 64 characters"):
+        build_seg(volume, _masks(), **{**args, key: "x" * 65})
+
+
 def test_refuses_a_ct_without_frame_of_reference() -> None:
     from autocontour.errors import GeometryError
 
@@ -528,10 +537,13 @@ def test_refuses_a_ct_without_frame_of_reference() -> None:
 
 
 def test_reader_refuses_other_frame_of_reference() -> None:
+    """The same fault as in the RTSTRUCT reader, the same error (GeometryError)."""
+    from autocontour.errors import GeometryError
+
     volume = _volume(ORIENTATIONS["HFS"])
     seg = _build(volume, {"PTV_High": _masks()["PTV_High"]})
     other = _volume(ORIENTATIONS["HFS"])
-    with pytest.raises(ValueError, match="frame of reference"):
+    with pytest.raises(GeometryError, match="frame of reference"):
         read_seg_masks(seg, other)
     with pytest.raises(ValueError, match="not a DICOM Segmentation"):
         read_seg_masks(volume.datasets[0], volume)

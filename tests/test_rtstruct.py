@@ -457,6 +457,17 @@ def test_invalid_input_is_refused():
         build_rtstruct(volume, {"Brainstem": masks["Brainstem"]}, **WRITE_ARGS)
 
 
+@pytest.mark.parametrize("key", ["series_description", "algorithm_name", "algorithm_version"])
+def test_over_long_text_is_refused_not_cut(key):
+    """As the SEG writer: a Long String over 64 characters is an error naming it, never cut."""
+    volume, masks = make_volume(), make_masks()
+    with pytest.raises(ValueError, match=f"{key.replace('_', ' ')} 'xxx+' is longer than 64 characters"):
+        build_rtstruct(volume, {"Brainstem": masks["Brainstem"]}, **{**WRITE_ARGS, key: "x" * 65})
+    with pytest.raises(ValueError, match="algorithm name and version .* is longer than 64"):
+        build_rtstruct(volume, {"Brainstem": masks["Brainstem"]},
+                       **{**WRITE_ARGS, "algorithm_name": "n" * 32, "algorithm_version": "v" * 32})
+
+
 def test_reader_reports_contours_off_the_volume(hfs):
     volume, masks, ds = hfs
     # the same contours read on a volume made of slices 2..7 only
