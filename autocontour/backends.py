@@ -4,7 +4,7 @@ Order of preference (``auto``): TensorRT (ONNX Runtime's TensorRT execution prov
 FP16, engines cached in the work directory), CUDA (ONNX Runtime's CUDA EP), CPU (ONNX
 Runtime's default EP).  A GPU path is tried only when NVML (``nvidia-ml-py``, through
 ``autocontour.gpu``) sees an NVIDIA GPU; each path that cannot be used is skipped with its reason logged, and if none
-loads the ModelError lists what each one needs.  ``fake`` is a test double.
+loads the ModelError lists what each one needs.
 """
 
 from __future__ import annotations
@@ -28,7 +28,6 @@ __all__ = [
     "Backend",
     "BackendUnavailable",
     "select_backend",
-    "register_backend",
     "BACKENDS",
     "trt_cache_dir",
     "GPU_BACKENDS",
@@ -177,30 +176,12 @@ def _make_cpu(ctx: BackendContext) -> Backend:
     return OrtBackend("cpu", ctx.model, ["CPUExecutionProvider"], threads=ctx.threads)
 
 
-class FakeBackend:
-    """Test double: logits from a function of the input (default: all background)."""
-
-    name = "fake"
-
-    def __init__(self, model: ModelConfig, fn: Callable[[np.ndarray], np.ndarray] | None = None):
-        self.model = model
-        self.fn = fn or (lambda x: np.zeros((x.shape[0], model.output_count, *x.shape[2:]), np.float32))
-
-    def predict(self, x: np.ndarray) -> np.ndarray:
-        return self.fn(x)
-
-
 # name -> factory, in "auto" preference order
 BACKENDS: dict[str, Callable[[BackendContext], Backend]] = {
     "tensorrt": _make_tensorrt,
     "cuda": _make_cuda,
     "cpu": _make_cpu,
 }
-
-
-def register_backend(name: str, factory: Callable[[BackendContext], Backend]) -> None:
-    """Add (or replace) a backend factory; it joins the end of the ``auto`` order."""
-    BACKENDS[name] = factory
 
 
 def select_backend(

@@ -24,6 +24,7 @@ from scipy import ndimage
 from autocontour.backends import WINDOW_BATCH
 from autocontour.model_config import ModelConfig, ModelKind
 from autocontour.structures import mirror_partner
+from autocontour.volume import BODY_HU
 
 logger = logging.getLogger(__name__)
 
@@ -32,7 +33,6 @@ __all__ = [
     "mirror_permutation", "mirrored",
 ]
 
-BODY_HU = -400.0  # air/body threshold for the crop
 BODY_MARGIN_MM = 16.0
 
 

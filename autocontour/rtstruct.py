@@ -35,7 +35,7 @@ import pydicom
 from pydicom.charset import convert_encodings
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.sequence import Sequence as DicomSequence
-from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
 from pydicom.valuerep import format_number_as_ds
 from skimage.draw import polygon as fill_polygon
 from skimage.measure import find_contours
@@ -44,14 +44,13 @@ from autocontour.dicom_elements import format_ds_array, put_text, require_lo
 from autocontour.errors import GeometryError, OutputError
 from autocontour.postprocess import bounding_box
 from autocontour.structures import StructureDefinition, structure
-from autocontour.volume import Volume
+from autocontour.volume import AXIS_ALIGNMENT_TOLERANCE, Volume
 
 logger = logging.getLogger(__name__)
 
 __all__ = [
     "RT_STRUCTURE_SET_STORAGE",
     "DETACHED_STUDY_MANAGEMENT",
-    "CT_IMAGE_STORAGE",
     "OffSliceContour",
     "mask_to_contours",
     "format_ds",
@@ -66,14 +65,11 @@ RT_STRUCTURE_SET_STORAGE = "1.2.840.10008.5.1.4.1.1.481.3"
 # Retired, but it is the value the RT Structure Set IOD examples and every planning
 # system use for RT Referenced Study Sequence > Referenced SOP Class UID.
 DETACHED_STUDY_MANAGEMENT = "1.2.840.10008.3.1.2.3.1"
-CT_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.2"
 
 # A traced vertex closer than this (in pixels) to the line through its neighbours is
 # dropped.  Marching squares on a binary mask only makes axis-aligned and 45-degree
 # segments, so this only ever removes exactly collinear vertices.
 COLLINEAR_TOLERANCE_PX = 0.05
-# Direction cosines may leave their patient axis by this much (same as volume.py).
-AXIAL_TOLERANCE = 1e-3
 # StructureSetLabel is a short string (SH, 16 characters).
 STRUCTURE_SET_LABEL = "AutoContour"
 
@@ -174,7 +170,7 @@ def _require_axial(volume: Volume) -> None:
     unit = volume.affine[:3, :3] / np.linalg.norm(volume.affine[:3, :3], axis=0)
     in_plane_z = np.abs(unit[2, 1:]).max()
     normal_off_z = np.abs(unit[:2, 0]).max()
-    if in_plane_z > AXIAL_TOLERANCE or normal_off_z > AXIAL_TOLERANCE:
+    if in_plane_z > AXIS_ALIGNMENT_TOLERANCE or normal_off_z > AXIS_ALIGNMENT_TOLERANCE:
         raise GeometryError(
             f"series {volume.series_instance_uid}: slices are not axial (direction {np.round(unit, 4).tolist()}); "
             "RTSTRUCT contours are written on axial CT slices only - send an axial reconstruction"
@@ -209,7 +205,7 @@ def _slice_z_text(volume: Volume, k: int) -> str:
 
 
 def _sop_class(ds) -> str:
-    return str(getattr(ds, "SOPClassUID", "") or CT_IMAGE_STORAGE)
+    return str(getattr(ds, "SOPClassUID", "") or CTImageStorage)
 
 
 def _image_ref(ds, sop_instance_uid: str) -> Dataset:

@@ -18,12 +18,14 @@ import pydicom
 import yaml
 from pydicom.errors import InvalidDicomError
 from pydicom.multival import MultiValue
+from pydicom.uid import CTImageStorage
 
 from autocontour.errors import ConfigurationError, InputError, SeriesSelectionError
+from autocontour.volume import AXIS_ALIGNMENT_TOLERANCE
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["SelectionRules", "SeriesCandidate", "Selection", "scan_folder", "select_series", "DEFAULT_RULES_PATH"]
+__all__ = ["SelectionRules", "SeriesCandidate", "scan_folder", "select_series", "DEFAULT_RULES_PATH"]
 
 DEFAULT_RULES_PATH = Path(__file__).resolve().parent.parent / "config" / "series_selection.yaml"
 
@@ -31,11 +33,11 @@ DEFAULT_RULES_PATH = Path(__file__).resolve().parent.parent / "config" / "series
 @dataclass(frozen=True)
 class SelectionRules:
     modality: str = "CT"
-    sop_class_uids: tuple[str, ...] = ("1.2.840.10008.5.1.4.1.1.2",)
+    sop_class_uids: tuple[str, ...] = (str(CTImageStorage),)
     min_slices: int = 10
     exclude_image_type: tuple[str, ...] = ("LOCALIZER", "SCOUT", "SCREENSHOT", "PROJECTION")
     require_axial: bool = True
-    axial_tolerance: float = 1e-3
+    axial_tolerance: float = AXIS_ALIGNMENT_TOLERANCE
     ranking: tuple[str, ...] = (
         "original_primary", "most_slices", "thinnest_slices", "newest_series", "series_instance_uid",
     )
@@ -136,14 +138,6 @@ class SeriesCandidate:
             f"{self.series_instance_uid} ({getattr(ds, 'Modality', '?')}, {len(self.datasets)} files, "
             f"'{getattr(ds, 'SeriesDescription', '')}', ImageType {'/'.join(_image_type(ds))})"
         )
-
-
-@dataclass
-class Selection:
-    chosen: SeriesCandidate
-    reason: str
-    candidates: list[SeriesCandidate]
-    skipped_files: list[tuple[str, str]]  # (path, why)
 
 
 def scan_folder(folder: Path) -> tuple[list[SeriesCandidate], list[tuple[str, str]]]:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import numpy as np
 import pytest
 
 from autocontour import backends
@@ -130,11 +129,6 @@ def test_tensorrt_factory_configures_fp16_and_the_keyed_cache(monkeypatch, tmp_p
     assert Path(opts["trt_engine_cache_path"]).is_dir()
     assert Path(opts["trt_engine_cache_path"]).parent == tmp_path / "trt-engines"
     assert seen["providers"][1] == "CUDAExecutionProvider"  # fallback inside the session
-
-
-def test_fake_backend_shapes():
-    b = backends.FakeBackend(MODEL)
-    assert b.predict(np.zeros((2, 1, 4, 4, 4), np.float32)).shape == (2, 1, 4, 4, 4)
 
 
 def test_cpu_session_threads_do_not_spin(tmp_path):

@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from autocontour.backends import FakeBackend
+from fakes import FakeBackend
 from scipy import ndimage
 
 from autocontour.inference import (

@@ -31,7 +31,6 @@ if str(REPO_ROOT) not in sys.path:  # the repository has no installed package or
 
 from autocontour.errors import GeometryError, OutputError  # noqa: E402
 from autocontour.rtstruct import (  # noqa: E402
-    CT_IMAGE_STORAGE,
     DETACHED_STUDY_MANAGEMENT,
     RT_STRUCTURE_SET_STORAGE,
     build_rtstruct,
@@ -44,6 +43,7 @@ from autocontour.rtstruct import (  # noqa: E402
 )
 from autocontour.structures import StructureDefinition, structure  # noqa: E402
 from autocontour.volume import Volume  # noqa: E402
+from pydicom.uid import CTImageStorage  # noqa: E402
 
 SHAPE = (8, 40, 44)  # slices, rows, columns (rows != columns to catch swaps)
 SLICE_STEP, ROW_SPACING, COL_SPACING = 2.5, 1.2, 0.9
@@ -82,7 +82,7 @@ def make_volume(iop=ORIENTATIONS["HFS"], sign: int = 1, shape=SHAPE) -> Volume:
     for k in range(shape[0]):
         ds = Dataset()
         ds.SpecificCharacterSet = "ISO_IR 100"
-        ds.SOPClassUID = CT_IMAGE_STORAGE
+        ds.SOPClassUID = CTImageStorage
         ds.SOPInstanceUID = generate_uid()
         ds.PatientName = "Müller^Jürgen"
         ds.PatientID = "HN-0042"
@@ -334,7 +334,7 @@ def test_contour_items(hfs):
             points = contour_points(item)
             assert len(points) >= 3 and int(item.NumberOfContourPoints) == len(points)
             (ref,) = item.ContourImageSequence
-            assert ref.ReferencedSOPClassUID == CT_IMAGE_STORAGE
+            assert ref.ReferencedSOPClassUID == CTImageStorage
             assert ref.ReferencedSOPInstanceUID in z_of
             assert (points[:, 2] == z_of[ref.ReferencedSOPInstanceUID]).all()  # exactly the slice's z
     assert n_items > 10
@@ -406,7 +406,7 @@ def test_referenced_frame_of_reference_lists_every_slice(hfs):
     (series,) = study.RTReferencedSeriesSequence
     assert series.SeriesInstanceUID == volume.series_instance_uid
     refs = [(i.ReferencedSOPClassUID, i.ReferencedSOPInstanceUID) for i in series.ContourImageSequence]
-    assert refs == [(CT_IMAGE_STORAGE, uid) for uid in volume.sop_instance_uids]
+    assert refs == [(CTImageStorage, uid) for uid in volume.sop_instance_uids]
 
 
 def test_roi_sequences(hfs):
