@@ -1,4 +1,10 @@
-"""Data elements stored as their encoded bytes, for the writers' per-frame / per-contour items.
+"""DICOM helpers both writers (SEG and RTSTRUCT) share.
+
+* ``write_dataset``: a dataset saved as a Part 10 file, or an ``OutputError``.
+* ``format_ds`` / ``format_ds_array``: Decimal Strings of at most 16 characters.
+* ``require_lo``: a Long String refused, not cut, when over 64 characters.
+* ``put_text`` / ``put_uint``: data elements stored as their encoded bytes, for the
+  writers' per-frame / per-contour items (below).
 
 pydicom validates every value it is given (~0.1 ms each for UI, DS, CS, IS strings), and
 a SEG or RTSTRUCT of one CT holds tens of thousands of them, all produced by our own code
@@ -11,16 +17,24 @@ with explicit VR little endian.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from functools import cache
+from pathlib import Path
 
 import numpy as np
 from pydicom.datadict import dictionary_VR, tag_for_keyword
 from pydicom.dataelem import RawDataElement
-from pydicom.dataset import Dataset
+from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.tag import BaseTag, Tag
+from pydicom.uid import ExplicitVRLittleEndian
+from pydicom.valuerep import format_number_as_ds
 
-__all__ = ["put_text", "put_uint", "format_ds_array", "require_lo"]
+from autocontour.errors import OutputError
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["put_text", "put_uint", "format_ds", "format_ds_array", "require_lo", "write_dataset"]
 
 _TEXT_VRS = {"AE", "AS", "CS", "DA", "DS", "DT", "IS", "LO", "LT", "PN", "SH", "ST", "TM", "UC", "UI", "UT"}
 _UINT_DTYPES = {"US": "<u2", "UL": "<u4"}
@@ -57,6 +71,17 @@ def put_uint(ds: Dataset, keyword: str, values: Sequence[int]) -> None:
     _put(ds, keyword, np.asarray(values, _UINT_DTYPES.get(vr, "<u4")).tobytes(), _UINT_DTYPES)
 
 
+def format_ds(value: float) -> str:
+    """A Decimal String of at most 16 characters: 3 decimals (um), shorter if needed."""
+    value = float(value)
+    if not np.isfinite(value):
+        raise ValueError(f"cannot write {value} as a DICOM DS")
+    text = f"{round(value, 3) + 0.0:.3f}"  # "+ 0.0" turns -0.0 into 0.0
+    if len(text) > 16:
+        text = format_number_as_ds(value)
+    return text
+
+
 def format_ds_array(values: np.ndarray) -> list[str]:
     """Decimal Strings with 3 decimals (micrometres) for an array of finite floats.
 
@@ -85,3 +110,26 @@ def require_lo(text: str, what: str) -> str:
     if len(text) > LO_MAX_CHARS:
         raise ValueError(f"{what} {text!r} is longer than {LO_MAX_CHARS} characters (LO)")
     return text
+
+
+def write_dataset(ds: Dataset, path: str | Path) -> Path:
+    """Save ``ds`` as a DICOM Part 10 file (preamble, file meta) and return the path.
+
+    The transfer syntax is the one in ``ds.file_meta`` (explicit VR little endian for
+    the writers' datasets; implicit VR little endian is also accepted).
+
+    Raises:
+        OutputError: the file cannot be written.
+    """
+    path = Path(path)
+    file_meta = getattr(ds, "file_meta", None)
+    if file_meta is None:
+        ds.file_meta = file_meta = FileMetaDataset()
+    if "TransferSyntaxUID" not in file_meta:
+        file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    try:
+        ds.save_as(path, enforce_file_format=True)
+    except OSError as exc:
+        raise OutputError(f"cannot write {path}: {exc} - check that the output folder exists and is writable") from exc
+    logger.info("wrote %s", path)
+    return path

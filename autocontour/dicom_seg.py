@@ -1,4 +1,4 @@
-"""Write the contours as a DICOM Segmentation (SEG), and read any SEG back onto a Volume.
+"""Write the contours as a DICOM Segmentation (SEG); ``autocontour.readback`` reads SEGs back.
 
 The writer builds the Segmentation IOD with pydicom directly; its output is checked
 element by element against highdicom's ``Segmentation`` built from the same masks
@@ -6,7 +6,7 @@ element by element against highdicom's ``Segmentation`` built from the same mask
 (~2 s per CT, on the critical path: loading its JSON tables of the standard, checking
 which CT attributes belong to the IOD, an overlap sum over a (frames x rows x columns x
 segments) array, per-value DS validation) was measured as the slowest stage of the app.
-The reader still uses highdicom, imported when first needed.  Choices, and why:
+The reader (``readback.read_seg_masks``) still uses highdicom.  Choices, and why:
 
 * ``BINARY`` segmentation type, one segment per structure: targets overlap organs, which
   a ``LABELMAP`` cannot hold.  Segments follow the order of the structure table
@@ -42,7 +42,6 @@ import datetime
 import logging
 import time
 from collections.abc import Mapping, Sequence
-from typing import TYPE_CHECKING
 
 import numpy as np
 from pydicom.dataelem import DataElement
@@ -57,12 +56,9 @@ from autocontour.postprocess import bounding_box
 from autocontour.structures import STRUCTURES, Code, StructureDefinition, structure
 from autocontour.volume import Volume
 
-if TYPE_CHECKING:  # highdicom is imported by the reader only, when it is first used
-    import highdicom as hd
-
 logger = logging.getLogger(__name__)
 
-__all__ = ["build_seg", "read_seg_masks", "cielab_color", "CONTENT_LABEL", "SEGMENTATION_STORAGE"]
+__all__ = ["build_seg", "cielab_color", "CONTENT_LABEL", "SEGMENTATION_STORAGE", "SEG_STORAGE_UIDS"]
 
 CONTENT_LABEL = "AUTOSEG"
 DEFAULT_MANUFACTURER = "autocontour"
@@ -523,123 +519,3 @@ def _reference_all_slices(seg: Dataset, volume: Volume) -> None:
     series.SeriesInstanceUID = volume.series_instance_uid or volume.datasets[0].SeriesInstanceUID
     series.ReferencedInstanceSequence = [copy.copy(r) for r in refs]
     seg.ReferencedSeriesSequence = [series]
-
-
-def _frame_group(ds: Dataset, index: int, name: str) -> Dataset | None:
-    """Item of functional group ``name`` for frame ``index`` (per-frame, else shared)."""
-    per_frame = ds.get("PerFrameFunctionalGroupsSequence")
-    if per_frame and index < len(per_frame) and per_frame[index].get(name):
-        return per_frame[index].get(name)[0]
-    shared = ds.get("SharedFunctionalGroupsSequence")
-    if shared and shared[0].get(name):
-        return shared[0].get(name)[0]
-    return None
-
-
-def _frames_on_referenced_slices(ds: Dataset, volume: Volume, tol_mm: float = 0.01) -> bool:
-    """Whether every frame references one slice of ``volume`` and lies exactly on it.
-
-    Checks, per frame: a Derivation Image reference to a slice of this CT, spatial
-    locations not declared changed, the frame's orientation, pixel spacing and position
-    equal to that slice's (``tol_mm``), and the SEG's Rows/Columns equal to the CT's.
-    """
-    rows, cols = volume.array.shape[1:]
-    if int(ds.get("Rows", 0)) != rows or int(ds.get("Columns", 0)) != cols:
-        return False
-    index_of = {uid: k for k, uid in enumerate(volume.sop_instance_uids)}
-    n_frames = int(ds.get("NumberOfFrames", 1))
-    for f in range(n_frames):
-        derivation = _frame_group(ds, f, "DerivationImageSequence")
-        sources = [] if derivation is None else list(derivation.get("SourceImageSequence", []))
-        ks = [index_of[str(src.ReferencedSOPInstanceUID)] for src in sources
-              if str(src.ReferencedSOPInstanceUID) in index_of]
-        if len(ks) != 1 or any(str(src.get("SpatialLocationsPreserved", "YES")) == "NO" for src in sources):
-            return False
-        ct = volume.datasets[ks[0]]
-        position = _frame_group(ds, f, "PlanePositionSequence")
-        orientation = _frame_group(ds, f, "PlaneOrientationSequence")
-        measures = _frame_group(ds, f, "PixelMeasuresSequence")
-        if position is None or orientation is None or measures is None:
-            return False
-        if not (
-            np.allclose(np.array(position.ImagePositionPatient, float), np.array(ct.ImagePositionPatient, float),
-                        atol=tol_mm, rtol=0)
-            and np.allclose(np.array(orientation.ImageOrientationPatient, float),
-                            np.array(ct.ImageOrientationPatient, float), atol=1e-4, rtol=0)
-            and np.allclose(np.array(measures.PixelSpacing, float), np.array(ct.PixelSpacing, float),
-                            atol=1e-4, rtol=0)
-        ):
-            return False
-    return True
-
-
-def _unique_labels(seg: hd.seg.Segmentation) -> dict[int, str]:
-    labels: dict[int, str] = {}
-    seen: set[str] = set()
-    for number in seg.segment_numbers:
-        label = str(seg.get_segment_description(number).SegmentLabel)
-        if label in seen:
-            logger.warning("SEG has two segments labelled %r; naming segment %d %r", label, number, f"{label}_{number}")
-            label = f"{label}_{number}"
-        seen.add(label)
-        labels[number] = label
-    return labels
-
-
-def read_seg_masks(ds: Dataset, volume: Volume) -> dict[str, np.ndarray]:
-    """The segments of a SEG (ours or another's) as boolean masks on ``volume``'s grid.
-
-    Frames are placed by the CT slice they reference when every frame references a slice
-    of ``volume`` (exact, the usual case); otherwise by their plane positions, which must
-    lie on the volume's grid (transposes/flips/crop/pad only, never resampling).
-
-    Returns:
-        ``{SegmentLabel: mask}``, masks of shape ``volume.array.shape`` in (k, j, i) order,
-        in segment-number order.
-
-    Raises:
-        ValueError: ``ds`` is not a Segmentation.
-        GeometryError: the SEG is in another frame of reference than the CT, or its
-            frames lie off the volume's grid (as ``rasterise_rtstruct``).
-    """
-    if str(getattr(ds, "SOPClassUID", "")) not in SEG_STORAGE_UIDS:
-        raise ValueError(f"not a DICOM Segmentation (SOP class {getattr(ds, 'SOPClassUID', 'missing')})")
-    seg_for = str(getattr(ds, "FrameOfReferenceUID", ""))
-    if volume.frame_of_reference_uid and seg_for and seg_for != volume.frame_of_reference_uid:
-        raise GeometryError(
-            f"SEG frame of reference {seg_for} differs from the CT's {volume.frame_of_reference_uid}: "
-            "the segmentation was not made on this CT"
-        )
-    import highdicom as hd
-
-    seg = ds if isinstance(ds, hd.seg.Segmentation) else hd.seg.Segmentation.from_dataset(ds, copy=True)
-    labels = _unique_labels(seg)
-    numbers = list(labels)
-    shape = tuple(volume.array.shape)
-    if _frames_on_referenced_slices(seg, volume):
-        stack = seg.get_pixels_by_source_instance(
-            source_sop_instance_uids=list(volume.sop_instance_uids),
-            segment_numbers=numbers,
-            # omitted (empty) frames: those slices are empty, not an error
-            assert_missing_frames_are_empty=True,
-            # checked above, frame by frame (many writers leave SpatialLocationsPreserved out)
-            ignore_spatial_locations=True,
-            skip_overlap_checks=True,
-            dtype=np.bool_,
-        )
-    else:
-        logger.info("SEG frames are not all on referenced slices of this CT; placing them by plane position")
-        geometry = hd.VolumeGeometry(
-            affine=volume.affine,
-            spatial_shape=shape,
-            coordinate_system="PATIENT",
-            frame_of_reference_uid=volume.frame_of_reference_uid or None,
-        )
-        try:
-            seg_volume = seg.get_volume(segment_numbers=numbers, skip_overlap_checks=True, dtype=np.bool_)
-            stack = seg_volume.match_geometry(geometry).array
-        except (RuntimeError, ValueError) as exc:
-            raise GeometryError(f"the SEG's frames do not lie on the CT's voxel grid ({exc})") from exc
-    if stack.ndim == 3:  # a single segment may come back without the segment axis
-        stack = stack[..., np.newaxis]
-    return {labels[n]: np.ascontiguousarray(stack[..., s], dtype=bool) for s, n in enumerate(numbers)}

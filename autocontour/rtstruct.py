@@ -1,6 +1,6 @@
-"""RT Structure Set writer and reader: masks <-> planar contours on the CT's own slices.
+"""RT Structure Set writer: masks -> planar contours on the CT's own slices.
 
-Writing (``mask_to_contours``, ``build_rtstruct``, ``write_dataset``)
+Writing (``mask_to_contours``, ``build_rtstruct``; ``dicom_elements.write_dataset`` saves it)
     Each slice ``k`` of a boolean mask is traced with marching squares at level 0.5 on
     the mask padded by one pixel, so every outer boundary and every hole boundary is its
     own closed polygon.  Planning systems (Eclipse, RayStation, Monaco, Pinnacle) combine
@@ -9,39 +9,27 @@ Writing (``mask_to_contours``, ``build_rtstruct``, ``write_dataset``)
     ``Volume.affine``; the points of a contour all carry exactly the z of the CT slice
     they are drawn on and reference that slice's SOP Instance UID.
 
-Reading (``rtstruct_contours``, ``contours_to_mask``, ``rasterise_rtstruct``)
-    Works for our files and for clinical ones: each CLOSED_PLANAR contour is mapped to
-    fractional ``(k, j, i)`` indices with the inverse affine, assigned to the slice whose
-    position is within half a slice spacing, and the contours of one slice are combined
-    by the even-odd rule (XOR of polygon fills).  A pixel is inside when its centre is
-    inside.  Contours that lie on no slice of the volume are reported, never silently
-    moved.
-
-Because marching-squares vertices lie halfway between a pixel centre inside and one
-outside, and the traced edges never pass through a pixel centre, ``build_rtstruct``
-followed by ``rasterise_rtstruct`` gives back the mask exactly.
+Reading back (``autocontour.readback.rasterise_rtstruct``): because marching-squares
+vertices lie halfway between a pixel centre inside and one outside, and the traced edges
+never pass through a pixel centre, ``build_rtstruct`` followed by ``rasterise_rtstruct``
+gives back the mask exactly.
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
 from datetime import datetime
-from pathlib import Path
 
 import numpy as np
-import pydicom
 from pydicom.charset import convert_encodings
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.sequence import Sequence as DicomSequence
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
-from pydicom.valuerep import format_number_as_ds
-from skimage.draw import polygon as fill_polygon
 from skimage.measure import find_contours
 
-from autocontour.dicom_elements import format_ds_array, put_text, require_lo
-from autocontour.errors import GeometryError, OutputError
+from autocontour.dicom_elements import format_ds, format_ds_array, put_text, require_lo
+from autocontour.errors import GeometryError
 from autocontour.postprocess import bounding_box
 from autocontour.structures import StructureDefinition, structure
 from autocontour.volume import AXIS_ALIGNMENT_TOLERANCE, Volume
@@ -51,14 +39,8 @@ logger = logging.getLogger(__name__)
 __all__ = [
     "RT_STRUCTURE_SET_STORAGE",
     "DETACHED_STUDY_MANAGEMENT",
-    "OffSliceContour",
     "mask_to_contours",
-    "format_ds",
     "build_rtstruct",
-    "write_dataset",
-    "rtstruct_contours",
-    "contours_to_mask",
-    "rasterise_rtstruct",
 ]
 
 RT_STRUCTURE_SET_STORAGE = "1.2.840.10008.5.1.4.1.1.481.3"
@@ -152,17 +134,6 @@ def _simplify_closed(rc: np.ndarray) -> np.ndarray:
     between = np.einsum("ij,ij->i", rc - prev, nxt - rc) > 0
     collinear = (dist < COLLINEAR_TOLERANCE_PX) & between
     return rc[~collinear]
-
-
-def format_ds(value: float) -> str:
-    """A Decimal String of at most 16 characters: 3 decimals (um), shorter if needed."""
-    value = float(value)
-    if not np.isfinite(value):
-        raise ValueError(f"cannot write {value} as a DICOM DS")
-    text = f"{round(value, 3) + 0.0:.3f}"  # "+ 0.0" turns -0.0 into 0.0
-    if len(text) > 16:
-        text = format_number_as_ds(value)
-    return text
 
 
 def _require_axial(volume: Volume) -> None:
@@ -442,164 +413,3 @@ def _contour_items(
             put_text(item, "ContourData", data)
             items.append(item)
     return items
-
-
-def write_dataset(ds: Dataset, path: str | Path) -> Path:
-    """Save ``ds`` as a DICOM Part 10 file (preamble, file meta) and return the path.
-
-    The transfer syntax is the one in ``ds.file_meta`` (explicit VR little endian for
-    datasets from ``build_rtstruct``; implicit VR little endian is also accepted).
-
-    Raises:
-        OutputError: the file cannot be written.
-    """
-    path = Path(path)
-    file_meta = getattr(ds, "file_meta", None)
-    if file_meta is None:
-        ds.file_meta = file_meta = FileMetaDataset()
-    if "TransferSyntaxUID" not in file_meta:
-        file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    try:
-        ds.save_as(path, enforce_file_format=True)
-    except OSError as exc:
-        raise OutputError(f"cannot write {path}: {exc} - check that the output folder exists and is writable") from exc
-    logger.info("wrote %s", path)
-    return path
-
-
-# --------------------------------------------------------------------------- reading
-
-
-@dataclass(frozen=True)
-class OffSliceContour:
-    """A contour that could not be put on a slice of the volume, and why."""
-
-    roi_name: str
-    contour_index: int  # position in the ROI's Contour Sequence
-    z: float  # mean z (LPS) of its points
-    reason: str
-
-
-def rtstruct_contours(
-    ds_rtstruct: Dataset, volume: Volume
-) -> tuple[dict[str, dict[int, list[np.ndarray]]], list[OffSliceContour]]:
-    """CLOSED_PLANAR contours of every ROI, grouped by the slice of ``volume`` they lie on.
-
-    A contour belongs to slice ``k`` when all its points are within half a slice
-    spacing of that slice's plane.  Contours of other geometric types, contours on no
-    slice of the volume and non-planar contours are returned in the second list.
-
-    Returns:
-        ``{roi_name: {k: [(N, 3) LPS points, ...]}}`` (every ROI of the Structure Set
-        ROI Sequence is present, possibly with no contours), and the contours left out.
-    """
-    names = {}
-    for roi in ds_rtstruct.get("StructureSetROISequence", []):
-        name = str(getattr(roi, "ROIName", "") or f"ROI_{roi.ROINumber}")
-        if name in names.values():
-            name = f"{name}#{roi.ROINumber}"
-            logger.warning("RTSTRUCT has two ROIs named %r; reading ROI %s as %r", roi.ROIName, roi.ROINumber, name)
-        names[int(roi.ROINumber)] = name
-    inverse = np.linalg.inv(volume.affine)
-    n_slices = volume.array.shape[0]
-    by_roi: dict[str, dict[int, list[np.ndarray]]] = {name: {} for name in names.values()}
-    left_out: list[OffSliceContour] = []
-    for roi_contour in ds_rtstruct.get("ROIContourSequence", []):
-        number = int(roi_contour.ReferencedROINumber)
-        name = names.get(number)
-        if name is None:
-            name = f"ROI_{number}"
-            logger.warning("ROI Contour Sequence refers to ROI %d, absent from Structure Set ROI Sequence", number)
-            by_roi.setdefault(name, {})
-        for index, contour in enumerate(roi_contour.get("ContourSequence", [])):
-            values = np.asarray([float(v) for v in contour.get("ContourData", [])], dtype=float)
-            if values.size == 0:
-                continue
-            if values.size % 3:
-                left_out.append(OffSliceContour(name, index, float("nan"), "ContourData is not (x, y, z) triplets"))
-                continue
-            points = values.reshape(-1, 3)
-            z = float(points[:, 2].mean())
-            kind = str(getattr(contour, "ContourGeometricType", ""))
-            if kind != "CLOSED_PLANAR":
-                left_out.append(OffSliceContour(name, index, z, f"geometric type {kind or 'missing'} is not filled"))
-                continue
-            k_frac = points @ inverse[0, :3] + inverse[0, 3]
-            k_all = np.floor(k_frac + 0.5).astype(int)
-            k = int(k_all[0])
-            if (k_all != k).any():
-                left_out.append(OffSliceContour(name, index, z, "points lie on more than one slice (not planar)"))
-            elif not 0 <= k < n_slices:
-                left_out.append(OffSliceContour(name, index, z, "on no slice of the volume"))
-            else:
-                by_roi[name].setdefault(k, []).append(points)
-    return by_roi, left_out
-
-
-def contours_to_mask(
-    contours_by_k: Mapping[int, Sequence[np.ndarray]], shape: tuple[int, int, int], affine: np.ndarray
-) -> np.ndarray:
-    """Fill planar LPS contours into a (k, j, i) mask by the even-odd rule.
-
-    The contours of one slice are XOR-ed, so a contour inside another is a hole and a
-    contour inside a hole is an island.  A pixel is inside when its centre is.
-
-    Args:
-        contours_by_k: slice index -> (N, 3) LPS polygons on that slice.
-        shape: (slices, rows, columns) of the mask.
-        affine: 4x4 index (k, j, i, 1) -> LPS of the volume.
-    """
-    inverse = np.linalg.inv(np.asarray(affine, dtype=float))
-    mask = np.zeros(shape, dtype=bool)
-    for k, contours in contours_by_k.items():
-        for points in contours:
-            kji = np.asarray(points, dtype=float) @ inverse[:3, :3].T + inverse[:3, 3]
-            rr, cc = fill_polygon(kji[:, 1], kji[:, 2], shape=shape[1:])
-            mask[k, rr, cc] ^= True
-    return mask
-
-
-def rasterise_rtstruct(
-    ds_rtstruct: Dataset | str | Path, volume: Volume, *, strict: bool = False
-) -> dict[str, np.ndarray]:
-    """Masks ``{ROIName: (k, j, i) bool array}`` of an RTSTRUCT on the grid of ``volume``.
-
-    Contours that lie on no slice of the volume (or are not CLOSED_PLANAR) are logged,
-    one warning per ROI; with ``strict=True`` they raise instead.
-
-    Args:
-        ds_rtstruct: the RTSTRUCT dataset, or a path to read it from.
-        volume: the CT the contours are drawn on.
-
-    Raises:
-        GeometryError: ``strict`` and some contours could not be placed; or the RTSTRUCT
-            refers to another frame of reference than the CT's.
-    """
-    if not isinstance(ds_rtstruct, Dataset):
-        ds_rtstruct = pydicom.dcmread(ds_rtstruct)
-    frames = {
-        str(item.FrameOfReferenceUID)
-        for item in ds_rtstruct.get("ReferencedFrameOfReferenceSequence", [])
-        if "FrameOfReferenceUID" in item
-    }
-    if volume.frame_of_reference_uid and frames and volume.frame_of_reference_uid not in frames:
-        raise GeometryError(
-            f"RTSTRUCT {ds_rtstruct.get('SOPInstanceUID', '?')} is in frame of reference {sorted(frames)}, "
-            f"the CT in {volume.frame_of_reference_uid} - contours cannot be placed on this CT"
-        )
-    by_roi, left_out = rtstruct_contours(ds_rtstruct, volume)
-    if left_out:
-        per_roi: dict[tuple[str, str], list[float]] = {}
-        for item in left_out:
-            per_roi.setdefault((item.roi_name, item.reason), []).append(item.z)
-        for (name, reason), zs in per_roi.items():
-            logger.warning(
-                "RTSTRUCT ROI %s: %d contours ignored (%s; z %.2f..%.2f mm)", name, len(zs), reason, min(zs), max(zs)
-            )
-        if strict:
-            raise GeometryError(
-                f"{len(left_out)} RTSTRUCT contours could not be placed on the CT's slices "
-                f"(first: ROI {left_out[0].roi_name}, z {left_out[0].z:.2f} mm, {left_out[0].reason})"
-            )
-    shape = volume.array.shape
-    return {name: contours_to_mask(by_k, shape, volume.affine) for name, by_k in by_roi.items()}

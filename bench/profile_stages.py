@@ -43,7 +43,8 @@ def main(argv: list[str] | None = None) -> int:
     from autocontour.model_config import load_models
     from autocontour.postprocess import postprocess
     from autocontour.segmenter import open_segmenters
-    from autocontour.rtstruct import build_rtstruct, write_dataset
+    from autocontour.dicom_elements import write_dataset
+    from autocontour.rtstruct import build_rtstruct
     from autocontour.series_selection import SelectionRules, scan_folder, select_series
     from autocontour.structures import STRUCTURES
 

@@ -301,7 +301,7 @@ def child_agreement(args: argparse.Namespace) -> dict:
     import pydicom
 
     from autocontour.ct_volume import build_volume
-    from autocontour.dicom_seg import read_seg_masks
+    from autocontour.readback import read_seg_masks
     from autocontour.series_selection import SelectionRules, scan_folder, select_series
 
     cands, _ = scan_folder(args.input)

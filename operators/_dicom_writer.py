@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from monai.deploy.core import Fragment, Operator, OperatorSpec
 
-from autocontour.rtstruct import write_dataset
+from autocontour.dicom_elements import write_dataset
 from autocontour.run_record import OutputFile, RunRecord
 from operators._ports import PYOBJECT
 

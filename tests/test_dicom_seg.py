@@ -18,7 +18,8 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 if str(REPO_ROOT) not in sys.path:  # the repository has no installed package or conftest
     sys.path.insert(0, str(REPO_ROOT))
 
-from autocontour.dicom_seg import CONTENT_LABEL, build_seg, cielab_color, read_seg_masks
+from autocontour.dicom_seg import CONTENT_LABEL, build_seg, cielab_color
+from autocontour.readback import read_seg_masks
 from autocontour.structures import STRUCTURES, structure
 from autocontour.volume import Volume
 

@@ -44,11 +44,13 @@ from scipy import ndimage
 from app import SERIES_DESCRIPTION
 from autocontour import APP_NAME, __version__
 from autocontour.ct_volume import build_volume
-from autocontour.dicom_seg import build_seg, read_seg_masks
+from autocontour.dicom_elements import write_dataset
+from autocontour.dicom_seg import build_seg
 from autocontour.model_config import load_models
-from autocontour.segmenter import Segmenter, open_segmenters
 from autocontour.postprocess import StructureResult, postprocess
-from autocontour.rtstruct import build_rtstruct, rasterise_rtstruct, write_dataset
+from autocontour.readback import rasterise_rtstruct, read_seg_masks
+from autocontour.rtstruct import build_rtstruct
+from autocontour.segmenter import Segmenter, open_segmenters
 from autocontour.series_selection import SelectionRules, scan_folder, select_series
 from autocontour.structures import STRUCTURES
 from autocontour.volume import Volume, to_canonical

@@ -30,16 +30,13 @@ if str(REPO_ROOT) not in sys.path:  # the repository has no installed package or
     sys.path.insert(0, str(REPO_ROOT))
 
 from autocontour.errors import GeometryError, OutputError  # noqa: E402
+from autocontour.dicom_elements import format_ds, write_dataset  # noqa: E402
+from autocontour.readback import contours_to_mask, rasterise_rtstruct, rtstruct_contours  # noqa: E402
 from autocontour.rtstruct import (  # noqa: E402
     DETACHED_STUDY_MANAGEMENT,
     RT_STRUCTURE_SET_STORAGE,
     build_rtstruct,
-    contours_to_mask,
-    format_ds,
     mask_to_contours,
-    rasterise_rtstruct,
-    rtstruct_contours,
-    write_dataset,
 )
 from autocontour.structures import StructureDefinition, structure  # noqa: E402
 from autocontour.volume import Volume  # noqa: E402
