@@ -285,7 +285,7 @@ def build_seg(
     Returns:
         A ``pydicom.Dataset`` (Segmentation Storage, explicit VR little endian, with file
         meta) with fresh Series/SOP Instance UIDs; patient and study attributes are copied
-        from the CT.  Write it with ``autocontour.rtstruct.write_dataset``.
+        from the CT.  Write it with ``autocontour.dicom_elements.write_dataset``.
 
     Raises:
         KeyError: a name is not in the structure table.
@@ -295,6 +295,43 @@ def build_seg(
     """
     t0 = time.perf_counter()
     shape = tuple(volume.array.shape)
+    defs, ct, frame_of_reference = _checked_inputs(volume, masks)
+    for what, text in (("manufacturer", manufacturer), ("manufacturer model name", manufacturer_model_name),
+                       ("device serial number", device_serial_number), ("algorithm version", algorithm_version),
+                       ("content description", content_description), ("series description", series_description),
+                       ("algorithm name", algorithm_name), ("institution name", institution_name or "")):
+        require_lo(text, what)
+    arrays = [masks[d.name] for d in defs]
+    boxes = [bounding_box(m) for m in arrays]
+    frames = _frame_plan(volume, arrays, boxes)
+
+    seg = Dataset()
+    _sop_common(seg, ct)
+    _patient_and_study(seg, ct)
+    _series(seg, series_number, series_description)
+    _frame_of_reference(seg, ct, frame_of_reference)
+    _equipment(seg, manufacturer, manufacturer_model_name, device_serial_number, algorithm_version, institution_name)
+    _segmentation_image(seg, ct, shape, content_description, content_creator_name)
+    _segments(seg, defs, arrays, boxes, _algorithm_identification(algorithm_name, algorithm_version))
+    _multiframe_dimension(seg)
+    _shared_functional_groups(seg, volume, ct)
+    # Per-frame functional groups
+    seg.PerFrameFunctionalGroupsSequence = DicomSequence(_per_frame_items(volume, frames))
+    seg.NumberOfFrames = len(frames)
+    # every CT slice is referenced, in k order (the frames reference theirs one by one)
+    _reference_all_slices(seg, volume)
+    _pixel_data(seg, arrays, frames, shape)
+    _file_meta(seg)
+    logger.info(
+        "DICOM-SEG: %d segments, %d frames on %d CT slices (%.2f s)",
+        len(defs), len(frames), shape[0], time.perf_counter() - t0,
+    )
+    return seg
+
+
+def _checked_inputs(volume: Volume, masks: Mapping[str, np.ndarray]) -> tuple[list[StructureDefinition], Dataset, str]:
+    """The structures in table order, the first CT header and the frame of reference, or the error."""
+    shape = tuple(volume.array.shape)
     if not masks:
         raise ValueError("no masks to write: pass at least one structure")
     if len(volume.datasets) != shape[0] or len(volume.sop_instance_uids) != shape[0]:
@@ -303,7 +340,6 @@ def build_seg(
             f"{len(volume.sop_instance_uids)} SOP instance UIDs; build it with build_volume"
         )
     defs = _ordered_structures(masks, shape)
-    arrays = [masks[d.name] for d in defs]
     ct = volume.datasets[0]
     frame_of_reference = volume.frame_of_reference_uid or str(ct.get("FrameOfReferenceUID", ""))
     if not frame_of_reference:
@@ -311,15 +347,19 @@ def build_seg(
             f"series {volume.series_instance_uid}: the CT has no FrameOfReferenceUID, so the segmentation "
             "cannot be placed in the patient by a viewer or planning system - re-export the CT from the scanner"
         )
-    for what, text in (("manufacturer", manufacturer), ("manufacturer model name", manufacturer_model_name),
-                       ("device serial number", device_serial_number), ("algorithm version", algorithm_version),
-                       ("content description", content_description), ("series description", series_description),
-                       ("algorithm name", algorithm_name), ("institution name", institution_name or "")):
-        require_lo(text, what)
+    return defs, ct, frame_of_reference
 
-    # frames: segment by segment, each over its occupied slices in the order of the slice
-    # normal; plane positions are numbered over the slices that hold any structure
-    boxes = [bounding_box(m) for m in arrays]
+
+def _frame_plan(
+    volume: Volume, arrays: Sequence[np.ndarray], boxes: Sequence[tuple[slice, ...] | None]
+) -> list[tuple[int, int, int]]:
+    """(segment index, slice k, plane position number) of each frame, in frame order.
+
+    Segment by segment, each over its occupied slices in the order of the slice normal;
+    plane positions are numbered over the slices that hold any structure.
+    """
+    shape = tuple(volume.array.shape)
+    ct = volume.datasets[0]
     occupied = []
     for m, box in zip(arrays, boxes):
         occ = np.zeros(shape[0], bool)
@@ -330,18 +370,20 @@ def build_seg(
     positions = np.array([[float(v) for v in ds.ImagePositionPatient] for ds in volume.datasets])
     distance = positions @ _slice_normal([float(v) for v in ct.ImageOrientationPatient])
     planes = [int(k) for k in np.argsort(distance, kind="stable") if any_occupied[k]]
-    frames: list[tuple[int, int, int]] = []  # (segment index, slice k, plane position number)
+    frames: list[tuple[int, int, int]] = []
     if planes:
         for s, occ in enumerate(occupied):
             frames += [(s, k, p) for p, k in enumerate(planes, start=1) if occ[k]]
     else:
         # nothing to write: every segment gets one empty frame on the first slice
-        logger.warning("all %d masks are empty; the SEG will hold one empty frame per segment", len(defs))
-        frames = [(s, 0, 1) for s in range(len(defs))]
+        logger.warning("all %d masks are empty; the SEG will hold one empty frame per segment", len(arrays))
+        frames = [(s, 0, 1) for s in range(len(arrays))]
+    return frames
 
+
+def _sop_common(seg: Dataset, ct: Dataset) -> None:
+    """SOP Common module, and the CT scanner as Contributing Equipment."""
     now = datetime.datetime.now()
-    seg = Dataset()
-    # SOP Common
     if "SpecificCharacterSet" in ct:  # our own text is ASCII: the CT's character set holds it
         seg.SpecificCharacterSet = copy.deepcopy(ct.SpecificCharacterSet)
     seg.SOPClassUID = SEGMENTATION_STORAGE
@@ -351,7 +393,10 @@ def build_seg(
     equipment = _acquisition_equipment(ct)
     if equipment is not None:
         seg.ContributingEquipmentSequence = [equipment]
-    # Patient, Clinical Trial Subject, General Study, Patient Study, Clinical Trial Study
+
+
+def _patient_and_study(seg: Dataset, ct: Dataset) -> None:
+    """Patient, Clinical Trial Subject, General Study, Patient Study, Clinical Trial Study modules."""
     for keyword in _PATIENT_STUDY_KEYWORDS:
         if keyword in ct:
             seg[keyword] = copy.deepcopy(ct[keyword])
@@ -369,22 +414,36 @@ def build_seg(
             seg.ReferencedStudySequence = kept
         else:
             del seg.ReferencedStudySequence
-    # General Series, Segmentation Series
+
+
+def _series(seg: Dataset, series_number: int, series_description: str) -> None:
+    """General Series and Segmentation Series modules (a new series)."""
     seg.Modality = "SEG"
     seg.SeriesInstanceUID = generate_uid()
     seg.SeriesNumber = series_number
     seg.SeriesDescription = series_description
-    # Frame of Reference
+
+
+def _frame_of_reference(seg: Dataset, ct: Dataset, frame_of_reference: str) -> None:
+    """Frame of Reference module: the CT's."""
     seg.FrameOfReferenceUID = frame_of_reference
     seg.PositionReferenceIndicator = ct.get("PositionReferenceIndicator", None)
-    # General Equipment, Enhanced General Equipment
+
+
+def _equipment(seg: Dataset, manufacturer: str, model_name: str, serial_number: str, software_versions: str,
+               institution_name: str | None) -> None:
+    """General Equipment and Enhanced General Equipment modules: this software."""
     seg.Manufacturer = manufacturer
-    seg.ManufacturerModelName = manufacturer_model_name
-    seg.DeviceSerialNumber = device_serial_number
-    seg.SoftwareVersions = algorithm_version
+    seg.ManufacturerModelName = model_name
+    seg.DeviceSerialNumber = serial_number
+    seg.SoftwareVersions = software_versions
     if institution_name is not None:
         seg.InstitutionName = institution_name
-    # General Image, Segmentation Image, Image Pixel
+
+
+def _segmentation_image(seg: Dataset, ct: Dataset, shape: tuple[int, ...], content_description: str,
+                        content_creator_name: str) -> None:
+    """General Image, Segmentation Image (without its segments) and Image Pixel modules."""
     seg.InstanceNumber = 1
     seg.ContentDate = seg.InstanceCreationDate
     seg.ContentTime = seg.InstanceCreationTime
@@ -406,10 +465,17 @@ def build_seg(
             if keyword in ct:
                 seg[keyword] = copy.deepcopy(ct[keyword])
     seg.Rows, seg.Columns = shape[1], shape[2]
-    algorithm = _algorithm_identification(algorithm_name, algorithm_version)
+
+
+def _segments(seg: Dataset, defs: Sequence[StructureDefinition], arrays: Sequence[np.ndarray],
+              boxes: Sequence[tuple[slice, ...] | None], algorithm: Dataset) -> None:
+    """Segmentation Image module's Segment Sequence, one segment per structure, and SegmentsOverlap."""
     seg.SegmentSequence = [_segment_description(n, d, algorithm) for n, d in enumerate(defs, start=1)]
     seg.SegmentsOverlap = "YES" if _segments_overlap(arrays, boxes) else "NO"
-    # Multi-frame Dimension: segment number, then plane position
+
+
+def _multiframe_dimension(seg: Dataset) -> None:
+    """Multi-frame Dimension module: segment number, then plane position."""
     organisation = generate_uid()
     dims = []
     for pointer, group, label in (
@@ -426,7 +492,10 @@ def build_seg(
     org = Dataset()
     org.DimensionOrganizationUID = organisation
     seg.DimensionOrganizationSequence = [org]
-    # Shared functional groups: the CT's plane orientation and pixel measures
+
+
+def _shared_functional_groups(seg: Dataset, volume: Volume, ct: Dataset) -> None:
+    """Shared Functional Groups: the CT's plane orientation and pixel measures."""
     shared = Dataset()
     orientation = Dataset()
     orientation.ImageOrientationPatient = copy.deepcopy(ct.ImageOrientationPatient)
@@ -440,13 +509,11 @@ def build_seg(
     measures.PixelSpacing = copy.deepcopy(ct.PixelSpacing)
     shared.PixelMeasuresSequence = [measures]
     seg.SharedFunctionalGroupsSequence = [shared]
-    # Per-frame functional groups
-    seg.PerFrameFunctionalGroupsSequence = DicomSequence(_per_frame_items(volume, frames))
-    seg.NumberOfFrames = len(frames)
-    # every CT slice is referenced, in k order (the frames reference theirs one by one)
-    _reference_all_slices(seg, volume)
 
-    # Pixel data: frames back to back, 1 bit per pixel, little-endian bit order
+
+def _pixel_data(seg: Dataset, arrays: Sequence[np.ndarray], frames: Sequence[tuple[int, int, int]],
+                shape: tuple[int, ...]) -> None:
+    """Pixel Data: frames back to back, 1 bit per pixel, little-endian bit order."""
     if (shape[1] * shape[2]) % 8 == 0:  # whole bytes per frame: pack frame by frame, in place
         packed_frames = np.empty((len(frames), shape[1] * shape[2] // 8), np.uint8)
         for f, (s, k, _) in enumerate(frames):
@@ -461,6 +528,9 @@ def build_seg(
         packed += b"\x00"
     seg.add(DataElement(0x7FE00010, "OB", packed))
 
+
+def _file_meta(seg: Dataset) -> None:
+    """Preamble and File Meta Information (explicit VR little endian)."""
     seg.preamble = b"\x00" * 128  # a Part 10 file also with plain save_as()
     seg.file_meta = FileMetaDataset()
     seg.file_meta.MediaStorageSOPClassUID = seg.SOPClassUID
@@ -468,11 +538,6 @@ def build_seg(
     seg.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
     validate_file_meta(seg.file_meta, enforce_standard=True)  # version and implementation UID
     seg.file_meta.FileMetaInformationGroupLength = 0  # the length is computed when written
-    logger.info(
-        "DICOM-SEG: %d segments, %d frames on %d CT slices (%.2f s)",
-        len(defs), len(frames), shape[0], time.perf_counter() - t0,
-    )
-    return seg
 
 
 def _per_frame_items(volume: Volume, frames: Sequence[tuple[int, int, int]]) -> list[Dataset]:
