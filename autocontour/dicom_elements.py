@@ -3,6 +3,8 @@
 * ``write_dataset``: a dataset saved as a Part 10 file, or an ``OutputError``.
 * ``format_ds`` / ``format_ds_array``: Decimal Strings of at most 16 characters.
 * ``require_lo``: a Long String refused, not cut, when over 64 characters.
+* ``copy_patient_and_study``: the patient and study attributes both copy from the CT
+  (one list, ``PATIENT_STUDY_KEYWORDS``).
 * ``put_text`` / ``put_uint``: data elements stored as their encoded bytes, for the
   writers' per-frame / per-contour items (below).
 
@@ -17,6 +19,7 @@ with explicit VR little endian.
 
 from __future__ import annotations
 
+import copy
 import logging
 from collections.abc import Sequence
 from functools import cache
@@ -34,7 +37,10 @@ from autocontour.errors import OutputError
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["put_text", "put_uint", "format_ds", "format_ds_array", "require_lo", "write_dataset"]
+__all__ = [
+    "put_text", "put_uint", "format_ds", "format_ds_array", "require_lo", "write_dataset", "copy_patient_and_study",
+    "PATIENT_STUDY_KEYWORDS",
+]
 
 _TEXT_VRS = {"AE", "AS", "CS", "DA", "DS", "DT", "IS", "LO", "LT", "PN", "SH", "ST", "TM", "UC", "UI", "UT"}
 _UINT_DTYPES = {"US": "<u2", "UL": "<u4"}
@@ -133,3 +139,78 @@ def write_dataset(ds: Dataset, path: str | Path) -> Path:
         raise OutputError(f"cannot write {path}: {exc} - check that the output folder exists and is writable") from exc
     logger.info("wrote %s", path)
     return path
+
+
+# Root attributes of the Patient, Clinical Trial Subject, General Study, Patient Study and
+# Clinical Trial Study modules of the CT Image IOD (PS3.3 A.3), copied from the CT when
+# present into the SEG and the RTSTRUCT (the RT Structure Set IOD, A.19, has the same
+# modules).  The list highdicom's copy_patient_and_study_information derives from its
+# tables of the standard (tests/test_dicom_seg.py checks that they agree).
+PATIENT_STUDY_KEYWORDS = (
+    # Patient
+    "ReferencedPatientSequence", "PatientName", "PatientID", "IssuerOfPatientID", "TypeOfPatientID",
+    "IssuerOfPatientIDQualifiersSequence", "SourcePatientGroupIdentificationSequence",
+    "GroupOfPatientsIdentificationSequence", "PatientBirthDate", "PatientBirthTime",
+    "PatientBirthDateInAlternativeCalendar", "PatientDeathDateInAlternativeCalendar", "PatientAlternativeCalendar",
+    "PatientSex", "QualityControlSubject", "StrainDescription", "StrainNomenclature", "StrainStockSequence",
+    "StrainAdditionalInformation", "StrainCodeSequence", "GeneticModificationsSequence", "OtherPatientNames",
+    "OtherPatientIDsSequence", "ReferencedPatientPhotoSequence", "EthnicGroupCodeSequence",
+    "PatientSpeciesDescription", "PatientSpeciesCodeSequence", "PatientBreedDescription",
+    "PatientBreedCodeSequence", "BreedRegistrationSequence", "ResponsiblePerson", "ResponsiblePersonRole",
+    "ResponsibleOrganization", "PatientComments", "PatientIdentityRemoved", "DeidentificationMethod",
+    "DeidentificationMethodCodeSequence",
+    # Clinical Trial Subject
+    "ClinicalTrialSponsorName", "ClinicalTrialProtocolID", "ClinicalTrialProtocolName",
+    "IssuerOfClinicalTrialProtocolID", "OtherClinicalTrialProtocolIDsSequence", "ClinicalTrialSiteID",
+    "ClinicalTrialSiteName", "IssuerOfClinicalTrialSiteID", "ClinicalTrialSubjectID",
+    "IssuerOfClinicalTrialSubjectID", "ClinicalTrialSubjectReadingID", "IssuerOfClinicalTrialSubjectReadingID",
+    "ClinicalTrialProtocolEthicsCommitteeName", "ClinicalTrialProtocolEthicsCommitteeApprovalNumber",
+    # General Study
+    "StudyDate", "StudyTime", "AccessionNumber", "IssuerOfAccessionNumberSequence", "ReferringPhysicianName",
+    "ReferringPhysicianIdentificationSequence", "ConsultingPhysicianName",
+    "ConsultingPhysicianIdentificationSequence", "StudyDescription", "ProcedureCodeSequence",
+    "PhysiciansOfRecord", "PhysiciansOfRecordIdentificationSequence", "NameOfPhysiciansReadingStudy",
+    "PhysiciansReadingStudyIdentificationSequence", "ReferencedStudySequence", "StudyInstanceUID", "StudyID",
+    "RequestingService", "RequestingServiceCodeSequence", "ReasonForPerformedProcedureCodeSequence",
+    # Patient Study
+    "AdmittingDiagnosesDescription", "AdmittingDiagnosesCodeSequence", "PatientAge", "PatientSize",
+    "PatientSizeCodeSequence", "PatientBodyMassIndex", "MeasuredAPDimension", "MeasuredLateralDimension",
+    "PatientWeight", "MedicalAlerts", "Allergies", "Occupation", "SmokingStatus", "AdditionalPatientHistory",
+    "PregnancyStatus", "LastMenstrualDate", "PatientSexNeutered", "ReasonForVisit", "ReasonForVisitCodeSequence",
+    "AdmissionID", "IssuerOfAdmissionIDSequence", "ServiceEpisodeID", "ServiceEpisodeDescription",
+    "IssuerOfServiceEpisodeIDSequence", "PatientState",
+    # Clinical Trial Study
+    "ClinicalTrialTimePointID", "ClinicalTrialTimePointDescription", "LongitudinalTemporalOffsetFromEvent",
+    "LongitudinalTemporalEventType", "ClinicalTrialTimePointTypeCodeSequence", "IssuerOfClinicalTrialTimePointID",
+    "ConsentForClinicalTrialUseSequence",
+)
+
+# Type 2 attributes of the Patient and General Study modules: written empty when the CT
+# lacks them (a non-conformant CT must not make a non-conformant SEG)
+TYPE2_PATIENT_STUDY = (
+    "PatientName", "PatientID", "PatientBirthDate", "PatientSex",
+    "StudyDate", "StudyTime", "ReferringPhysicianName", "StudyID", "AccessionNumber",
+)
+
+
+def copy_patient_and_study(target: Dataset, ct: Dataset) -> None:
+    """Patient, Clinical Trial Subject, General Study, Patient Study and Clinical Trial Study
+    modules of ``target``, copied from the CT header ``ct`` (``PATIENT_STUDY_KEYWORDS``);
+    the type 2 ones the CT lacks are written empty."""
+    for keyword in PATIENT_STUDY_KEYWORDS:
+        if keyword in ct:
+            target[keyword] = copy.deepcopy(ct[keyword])
+    for keyword in TYPE2_PATIENT_STUDY:  # required, possibly empty, even when the CT lacks them
+        if keyword not in target:
+            setattr(target, keyword, None)
+    if "ReferencedStudySequence" in target:
+        # anonymisation often blanks Referenced SOP Class UID (type 1 in the item): drop
+        # the items that are not complete
+        kept = [
+            item for item in target.ReferencedStudySequence
+            if item.get("ReferencedSOPClassUID") and item.get("ReferencedSOPInstanceUID")
+        ]
+        if kept:
+            target.ReferencedStudySequence = kept
+        else:
+            del target.ReferencedStudySequence

@@ -24,8 +24,8 @@ The reader (``readback.read_seg_masks``) still uses highdicom.  Choices, and why
   (segment number, plane position), as highdicom orders them.  The SEG references every
   slice of the CT series (Referenced Series / Source Image Sequence).
 * Patient and study attributes are those of the CT Image IOD's Patient and Study
-  modules, copied from the first slice (the same list highdicom derives from its tables
-  of the standard; ``_PATIENT_STUDY_KEYWORDS``).
+  modules, copied from the first slice (``dicom_elements.copy_patient_and_study``, the
+  list highdicom derives from its tables of the standard, shared with the RTSTRUCT).
 * Native (uncompressed) transfer syntax: BINARY frames are bit-packed (1 bit/pixel,
   frames back to back with no padding between them), so compression would cost time for
   little gain.
@@ -50,7 +50,7 @@ from pydicom.sequence import Sequence as DicomSequence
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 from pydicom.valuerep import DSfloat, format_number_as_ds
 
-from autocontour.dicom_elements import put_text, put_uint, require_lo
+from autocontour.dicom_elements import copy_patient_and_study, put_text, put_uint, require_lo
 from autocontour.errors import GeometryError
 from autocontour.postprocess import bounding_box
 from autocontour.structures import STRUCTURES, Code, StructureDefinition, structure
@@ -66,56 +66,6 @@ DEFAULT_MODEL_NAME = "autocontour head-and-neck auto-segmentation"
 DEFAULT_CONTENT_CREATOR = "AUTOCONTOUR^"  # PN: family name only (trailing caret)
 SEGMENTATION_STORAGE = "1.2.840.10008.5.1.4.1.1.66.4"
 SEG_STORAGE_UIDS = (SEGMENTATION_STORAGE, "1.2.840.10008.5.1.4.1.1.66.7")
-
-# Root attributes of the Patient, Clinical Trial Subject, General Study, Patient Study and
-# Clinical Trial Study modules of the CT Image IOD (PS3.3 A.3), copied from the CT when
-# present.  The list highdicom's copy_patient_and_study_information derives from its
-# tables of the standard (tests/test_dicom_seg.py checks that they agree).
-_PATIENT_STUDY_KEYWORDS = (
-    # Patient
-    "ReferencedPatientSequence", "PatientName", "PatientID", "IssuerOfPatientID", "TypeOfPatientID",
-    "IssuerOfPatientIDQualifiersSequence", "SourcePatientGroupIdentificationSequence",
-    "GroupOfPatientsIdentificationSequence", "PatientBirthDate", "PatientBirthTime",
-    "PatientBirthDateInAlternativeCalendar", "PatientDeathDateInAlternativeCalendar", "PatientAlternativeCalendar",
-    "PatientSex", "QualityControlSubject", "StrainDescription", "StrainNomenclature", "StrainStockSequence",
-    "StrainAdditionalInformation", "StrainCodeSequence", "GeneticModificationsSequence", "OtherPatientNames",
-    "OtherPatientIDsSequence", "ReferencedPatientPhotoSequence", "EthnicGroupCodeSequence",
-    "PatientSpeciesDescription", "PatientSpeciesCodeSequence", "PatientBreedDescription",
-    "PatientBreedCodeSequence", "BreedRegistrationSequence", "ResponsiblePerson", "ResponsiblePersonRole",
-    "ResponsibleOrganization", "PatientComments", "PatientIdentityRemoved", "DeidentificationMethod",
-    "DeidentificationMethodCodeSequence",
-    # Clinical Trial Subject
-    "ClinicalTrialSponsorName", "ClinicalTrialProtocolID", "ClinicalTrialProtocolName",
-    "IssuerOfClinicalTrialProtocolID", "OtherClinicalTrialProtocolIDsSequence", "ClinicalTrialSiteID",
-    "ClinicalTrialSiteName", "IssuerOfClinicalTrialSiteID", "ClinicalTrialSubjectID",
-    "IssuerOfClinicalTrialSubjectID", "ClinicalTrialSubjectReadingID", "IssuerOfClinicalTrialSubjectReadingID",
-    "ClinicalTrialProtocolEthicsCommitteeName", "ClinicalTrialProtocolEthicsCommitteeApprovalNumber",
-    # General Study
-    "StudyDate", "StudyTime", "AccessionNumber", "IssuerOfAccessionNumberSequence", "ReferringPhysicianName",
-    "ReferringPhysicianIdentificationSequence", "ConsultingPhysicianName",
-    "ConsultingPhysicianIdentificationSequence", "StudyDescription", "ProcedureCodeSequence",
-    "PhysiciansOfRecord", "PhysiciansOfRecordIdentificationSequence", "NameOfPhysiciansReadingStudy",
-    "PhysiciansReadingStudyIdentificationSequence", "ReferencedStudySequence", "StudyInstanceUID", "StudyID",
-    "RequestingService", "RequestingServiceCodeSequence", "ReasonForPerformedProcedureCodeSequence",
-    # Patient Study
-    "AdmittingDiagnosesDescription", "AdmittingDiagnosesCodeSequence", "PatientAge", "PatientSize",
-    "PatientSizeCodeSequence", "PatientBodyMassIndex", "MeasuredAPDimension", "MeasuredLateralDimension",
-    "PatientWeight", "MedicalAlerts", "Allergies", "Occupation", "SmokingStatus", "AdditionalPatientHistory",
-    "PregnancyStatus", "LastMenstrualDate", "PatientSexNeutered", "ReasonForVisit", "ReasonForVisitCodeSequence",
-    "AdmissionID", "IssuerOfAdmissionIDSequence", "ServiceEpisodeID", "ServiceEpisodeDescription",
-    "IssuerOfServiceEpisodeIDSequence", "PatientState",
-    # Clinical Trial Study
-    "ClinicalTrialTimePointID", "ClinicalTrialTimePointDescription", "LongitudinalTemporalOffsetFromEvent",
-    "LongitudinalTemporalEventType", "ClinicalTrialTimePointTypeCodeSequence", "IssuerOfClinicalTrialTimePointID",
-    "ConsentForClinicalTrialUseSequence",
-)
-
-# Type 2 attributes of the Patient and General Study modules: written empty when the CT
-# lacks them (a non-conformant CT must not make a non-conformant SEG)
-_TYPE2_PATIENT_STUDY = (
-    "PatientName", "PatientID", "PatientBirthDate", "PatientSex",
-    "StudyDate", "StudyTime", "ReferringPhysicianName", "StudyID", "AccessionNumber",
-)
 
 # DCM codes (PS3.16)
 _ARTIFICIAL_INTELLIGENCE = Code("123110", "DCM", "Artificial Intelligence")  # CID 7162
@@ -307,7 +257,7 @@ def build_seg(
 
     seg = Dataset()
     _sop_common(seg, ct)
-    _patient_and_study(seg, ct)
+    copy_patient_and_study(seg, ct)
     _series(seg, series_number, series_description)
     _frame_of_reference(seg, ct, frame_of_reference)
     _equipment(seg, manufacturer, manufacturer_model_name, device_serial_number, algorithm_version, institution_name)
@@ -393,27 +343,6 @@ def _sop_common(seg: Dataset, ct: Dataset) -> None:
     equipment = _acquisition_equipment(ct)
     if equipment is not None:
         seg.ContributingEquipmentSequence = [equipment]
-
-
-def _patient_and_study(seg: Dataset, ct: Dataset) -> None:
-    """Patient, Clinical Trial Subject, General Study, Patient Study, Clinical Trial Study modules."""
-    for keyword in _PATIENT_STUDY_KEYWORDS:
-        if keyword in ct:
-            seg[keyword] = copy.deepcopy(ct[keyword])
-    for keyword in _TYPE2_PATIENT_STUDY:  # required, possibly empty, even when the CT lacks them
-        if keyword not in seg:
-            setattr(seg, keyword, None)
-    if "ReferencedStudySequence" in seg:
-        # anonymisation often blanks Referenced SOP Class UID (type 1 in the item): drop
-        # the items that are not complete
-        kept = [
-            item for item in seg.ReferencedStudySequence
-            if item.get("ReferencedSOPClassUID") and item.get("ReferencedSOPInstanceUID")
-        ]
-        if kept:
-            seg.ReferencedStudySequence = kept
-        else:
-            del seg.ReferencedStudySequence
 
 
 def _series(seg: Dataset, series_number: int, series_description: str) -> None:

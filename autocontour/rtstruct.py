@@ -28,7 +28,9 @@ from pydicom.sequence import Sequence as DicomSequence
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
 from skimage.measure import find_contours
 
-from autocontour.dicom_elements import format_ds, format_ds_array, put_text, require_lo
+from autocontour.dicom_elements import (
+    PATIENT_STUDY_KEYWORDS, copy_patient_and_study, format_ds, format_ds_array, put_text, require_lo,
+)
 from autocontour.errors import GeometryError
 from autocontour.postprocess import bounding_box
 from autocontour.structures import StructureDefinition, structure
@@ -54,23 +56,6 @@ DETACHED_STUDY_MANAGEMENT = "1.2.840.10008.3.1.2.3.1"
 COLLINEAR_TOLERANCE_PX = 0.05
 # StructureSetLabel is a short string (SH, 16 characters).
 STRUCTURE_SET_LABEL = "AutoContour"
-
-# Patient and General Study attributes copied from the CT (all type 2 unless noted).
-_PATIENT_STUDY_KEYWORDS = (
-    "PatientName",
-    "PatientID",
-    "PatientBirthDate",
-    "PatientSex",
-    "StudyInstanceUID",  # type 1, checked separately
-    "StudyDate",
-    "StudyTime",
-    "StudyID",
-    "AccessionNumber",
-    "ReferringPhysicianName",
-    "StudyDescription",  # type 3: copied only when present
-)
-_TYPE3_KEYWORDS = {"StudyDescription"}
-
 
 # --------------------------------------------------------------------------- writing
 
@@ -280,19 +265,15 @@ def build_rtstruct(
     # SOP Common
     ds.SpecificCharacterSet = _choose_character_set(
         ct,
-        [str(ct.get(kw, "")) for kw in _PATIENT_STUDY_KEYWORDS]
+        [str(ct[kw].value) for kw in PATIENT_STUDY_KEYWORDS if kw in ct and ct[kw].VR != "SQ"]
         + [series_description, algorithm_name, algorithm_version],
     )
     ds.InstanceCreationDate = date
     ds.InstanceCreationTime = time
     ds.SOPClassUID = RT_STRUCTURE_SET_STORAGE
     ds.SOPInstanceUID = generate_uid()
-    # Patient, General Study
-    for keyword in _PATIENT_STUDY_KEYWORDS:
-        if keyword in ct:
-            setattr(ds, keyword, ct[keyword].value)
-        elif keyword not in _TYPE3_KEYWORDS:
-            setattr(ds, keyword, "")
+    # Patient, Clinical Trial Subject, General Study, Patient Study, Clinical Trial Study
+    copy_patient_and_study(ds, ct)
     ds.StudyInstanceUID = study_uid
     # Frame of Reference (the CT's; the IOD has it since the Frame of Reference module
     # was added to RT Structure Set; older readers use the ReferencedFrameOfReferenceSequence)

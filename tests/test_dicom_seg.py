@@ -369,7 +369,7 @@ def test_patient_study_keywords_match_highdicoms_tables() -> None:
     """The writer's copy list is what highdicom derives from the standard for the CT Image IOD."""
     from highdicom._standard_utils import get_iod_module_map, get_module_attribute_map, get_sop_class_iod_map
 
-    from autocontour.dicom_seg import _PATIENT_STUDY_KEYWORDS
+    from autocontour.dicom_elements import PATIENT_STUDY_KEYWORDS
 
     iod = get_sop_class_iod_map()[CTImageStorage]
     modules = get_module_attribute_map()
@@ -377,7 +377,7 @@ def test_patient_study_keywords_match_highdicoms_tables() -> None:
         a["keyword"] for m in get_iod_module_map()[iod] if m["ie"] in ("Patient", "Study")
         for a in modules[m["key"]] if not a["path"]
     ]
-    assert list(_PATIENT_STUDY_KEYWORDS) == expected
+    assert list(PATIENT_STUDY_KEYWORDS) == expected
 
 
 def test_series_and_content_attributes(written) -> None:

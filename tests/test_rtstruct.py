@@ -388,7 +388,8 @@ def test_missing_type2_attributes_are_empty_and_charset_falls_back():
         del ct.AccessionNumber, ct.StudyDescription, ct.PatientBirthDate
     args = {**WRITE_ARGS, "series_description": "Vorschlag → prüfen"}
     ds = build_rtstruct(volume, {"Brainstem": make_masks()["Brainstem"]}, **args)
-    assert ds.AccessionNumber == "" and ds.PatientBirthDate == ""
+    for keyword in ("AccessionNumber", "PatientBirthDate"):  # type 2: present, empty
+        assert keyword in ds and not ds[keyword].value
     assert "StudyDescription" not in ds  # type 3: not invented
     assert ds.SpecificCharacterSet == "ISO_IR 192"  # the arrow is not Latin-1
 
