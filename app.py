@@ -27,11 +27,13 @@ from pathlib import Path
 os.environ.setdefault("ORT_DISABLE_TELEMETRY", "1")
 
 from autocontour import APP_NAME, __version__  # noqa: E402
-from autocontour.backends import GPU_BACKENDS, GpuMonitor  # noqa: E402
+from autocontour.backends import GPU_BACKENDS  # noqa: E402
 from autocontour.errors import AutoContourError, InputError  # noqa: E402
-from autocontour.model_config import ModelConfig, load_models  # noqa: E402
+from autocontour.gpu import GpuMonitor  # noqa: E402
+from autocontour.model_config import load_models  # noqa: E402
 from autocontour.output import discard, prepare_staging  # noqa: E402
-from autocontour.run_record import RunRecord  # noqa: E402
+from autocontour.run_record import ModelUsed, RunRecord  # noqa: E402
+from autocontour.segmenter import Segmenter, open_segmenters  # noqa: E402
 from autocontour.series_selection import DEFAULT_RULES_PATH, SelectionRules  # noqa: E402
 
 logger = logging.getLogger(APP_NAME)
@@ -56,14 +58,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return ap.parse_args(argv)
 
 
-def load_backends(models: list[ModelConfig], preference: str, workdir: Path) -> list[tuple[ModelConfig, object]]:
-    """Open every model on its backend once, at start-up."""
-    from autocontour.backends import select_backend
-
-    return [(m, select_backend(m, preference, workdir)[0]) for m in models]
-
-
-def build_app(args: argparse.Namespace, record: RunRecord, loaded: list[tuple[ModelConfig, object]]):
+def build_app(args: argparse.Namespace, record: RunRecord, segmenters: list[Segmenter], rules: SelectionRules):
     """The operator graph as a MONAI Deploy ``Application`` (imports the SDK lazily)."""
     from monai.deploy.core import Application
     from monai.deploy.conditions import CountCondition
@@ -78,8 +73,7 @@ def build_app(args: argparse.Namespace, record: RunRecord, loaded: list[tuple[Mo
         SeriesSelectorOperator,
     )
 
-    rules = SelectionRules.from_yaml(args.rules)
-    algorithm_version = f"{__version__} (" + ", ".join(f"{m.name} {m.version}" for m, _ in loaded) + ")"
+    algorithm_version = f"{__version__} (" + ", ".join(f"{s.model.name} {s.model.version}" for s in segmenters) + ")"
 
     class AutoContourApp(Application):
         def compose(self):
@@ -87,7 +81,7 @@ def build_app(args: argparse.Namespace, record: RunRecord, loaded: list[tuple[Mo
             select = SeriesSelectorOperator(self, CountCondition(self, 1), input_folder=args.input, rules=rules,
                                             record=record, name="select")
             volume = CTVolumeOperator(self, record=record, name="volume")
-            post = PostprocessOperator(self, branches=[m.name for m, _ in loaded], record=record, name="postprocess")
+            post = PostprocessOperator(self, branches=[s.name for s in segmenters], record=record, name="postprocess")
             writer_kw = dict(record=record, algorithm_name=APP_NAME, algorithm_version=algorithm_version,
                              series_description=SERIES_DESCRIPTION)
             seg = DicomSegWriterOperator(self, name="seg_writer", **writer_kw)
@@ -96,10 +90,10 @@ def build_app(args: argparse.Namespace, record: RunRecord, loaded: list[tuple[Mo
 
             self.add_flow(select, volume, {(select.OUT_SERIES, volume.IN_SERIES)})
             self.add_flow(volume, post, {(volume.OUT_VOLUME, post.IN_VOLUME)})
-            for model, backend in loaded:
-                branch = SegmentationOperator(self, model=model, backend=backend, record=record, name=f"seg_{model.name}")
+            for segmenter in segmenters:
+                branch = SegmentationOperator(self, segmenter=segmenter, record=record, name=f"seg_{segmenter.name}")
                 self.add_flow(volume, branch, {(volume.OUT_VOLUME, branch.IN_VOLUME)})
-                self.add_flow(branch, post, {(branch.OUT_MASKS, post.in_masks(model.name))})
+                self.add_flow(branch, post, {(branch.OUT_MASKS, post.in_masks(segmenter.name))})
             for writer in (seg, rts):
                 self.add_flow(volume, writer, {(volume.OUT_VOLUME, writer.IN_VOLUME)})
                 self.add_flow(post, writer, {(post.OUT_STRUCTURES, writer.IN_STRUCTURES)})
@@ -131,30 +125,31 @@ def run(argv: list[str] | None = None) -> int:
     try:
         if not args.input.is_dir():
             raise InputError(f"input folder {args.input} does not exist - pass -i with a folder of DICOM files")
+        rules = SelectionRules.from_yaml(args.rules)
         models = load_models(args.model)
         staging = prepare_staging(args.output)
         record = RunRecord(args.input, args.output, staging)
         record.started = t0
-        record.info["graph_workers"] = args.workers
+        record.graph_workers = args.workers
         workdir = args.workdir or staging
         # CuPy (imported by MONAI) creates its kernel cache folder on import: keep it in the work dir
         os.environ.setdefault("CUPY_CACHE_DIR", str(Path(workdir).resolve() / "cupy-kernel-cache"))
         with record.stage("startup_models"):
-            loaded = load_backends(models, args.backend, workdir)
-        if any(b.name in GPU_BACKENDS for _, b in loaded):
+            segmenters = open_segmenters(models, args.backend, workdir)
+        if any(s.backend.name in GPU_BACKENDS for s in segmenters):
             # GPU memory and utilisation through the run, for report.json
             record.gpu_monitor = GpuMonitor.start()
-        if args.workdir is None and any(b.name == "tensorrt" for _, b in loaded):
+        if args.workdir is None and any(s.backend.name == "tensorrt" for s in segmenters):
             logger.warning(
                 "TensorRT engines are built in the staging folder and discarded after this run; "
                 "pass -w DIR (or HOLOSCAN_WORKDIR) to keep them, so that later runs skip the engine build"
             )
-        record.info["models"] = [
-            {"name": m.name, "version": m.version, "onnx_sha256": m.onnx_sha256, "backend": b.name, "labels": list(m.labels)}
-            for m, b in loaded
+        record.models = [
+            ModelUsed(s.model.name, s.model.version, s.model.onnx_sha256, s.backend.name, list(s.model.labels))
+            for s in segmenters
         ]
         with record.stage("startup_sdk"):
-            app = build_app(args, record, loaded)
+            app = build_app(args, record, segmenters, rules)
         app.run()
     except AutoContourError as exc:
         discard(staging)

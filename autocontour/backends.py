@@ -2,9 +2,9 @@
 
 Order of preference (``auto``): TensorRT (ONNX Runtime's TensorRT execution provider,
 FP16, engines cached in the work directory), CUDA (ONNX Runtime's CUDA EP), CPU (ONNX
-Runtime's default EP).  A GPU path is tried only when NVML (``nvidia-ml-py``) sees an
-NVIDIA GPU; each path that cannot be used is skipped with its reason logged, and if none
-loads the ModelError lists what each one needs.  ``fake`` is a test double.
+Runtime's default EP).  A GPU path is tried only when NVML (``nvidia-ml-py``, through
+``autocontour.gpu``) sees an NVIDIA GPU; each path that cannot be used is skipped with its reason logged, and if none
+loads the ModelError lists what each one needs.
 """
 
 from __future__ import annotations
@@ -12,7 +12,6 @@ from __future__ import annotations
 import logging
 import os
 import re
-import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Protocol
@@ -20,6 +19,7 @@ from typing import Callable, Protocol
 import numpy as np
 
 from autocontour.errors import InferenceError, ModelError
+from autocontour.gpu import GpuInfo, probe_gpu
 from autocontour.model_config import ModelConfig
 
 logger = logging.getLogger(__name__)
@@ -27,14 +27,9 @@ logger = logging.getLogger(__name__)
 __all__ = [
     "Backend",
     "BackendUnavailable",
-    "GpuInfo",
-    "probe_gpu",
     "select_backend",
-    "register_backend",
     "BACKENDS",
     "trt_cache_dir",
-    "gpu_snapshot",
-    "GpuMonitor",
     "GPU_BACKENDS",
 ]
 
@@ -53,167 +48,6 @@ class Backend(Protocol):
 
 class BackendUnavailable(Exception):
     """A backend cannot run here; the message says what it needs."""
-
-
-@dataclass(frozen=True)
-class GpuInfo:
-    name: str
-    index: int = 0
-    memory_total_mb: float = 0.0
-    driver: str = ""
-
-
-def probe_gpu() -> tuple[GpuInfo | None, str]:
-    """The first NVIDIA GPU as NVML sees it, or (None, why not)."""
-    try:
-        import pynvml
-    except ImportError:
-        return None, "nvidia-ml-py is not installed"
-    try:
-        pynvml.nvmlInit()
-    except Exception as exc:  # NVMLError_LibraryNotFound, DriverNotLoaded, ...
-        return None, f"NVML unavailable ({exc}): no NVIDIA driver/GPU"
-    try:
-        if pynvml.nvmlDeviceGetCount() < 1:
-            return None, "NVML sees no GPU"
-        h = pynvml.nvmlDeviceGetHandleByIndex(0)
-        name = pynvml.nvmlDeviceGetName(h)
-        name = name.decode() if isinstance(name, bytes) else str(name)
-        mem = pynvml.nvmlDeviceGetMemoryInfo(h).total / 2**20
-        drv = pynvml.nvmlSystemGetDriverVersion()
-        return GpuInfo(name, 0, float(mem), drv.decode() if isinstance(drv, bytes) else str(drv)), ""
-    finally:
-        try:
-            pynvml.nvmlShutdown()
-        except Exception:  # noqa: BLE001 - shutdown failure is irrelevant here
-            pass
-
-
-def gpu_snapshot() -> dict | None:
-    """GPU name, memory in use and utilisation now (NVML), or None without a GPU."""
-    monitor = GpuMonitor.open()
-    if monitor is None:
-        return None
-    monitor._sample()
-    monitor._close()
-    summary = monitor.summary()
-    if not summary["samples"]:
-        return None
-    return {k: summary[k] for k in ("name", "memory_used_mb", "memory_total_mb", "utilisation_percent")}
-
-
-class GpuMonitor:
-    """Samples the GPU's memory in use and utilisation (NVML) in a background thread.
-
-    ``summary()`` gives the last sample plus the peak memory in use (the whole device's,
-    and this process's own where NVML lists it) and the highest and mean utilisation seen
-    since ``start()``: what report.json records for a GPU run (one sample at the end would
-    show the utilisation of an idle GPU).  Without NVML or a GPU,
-    ``start()`` returns None and nothing runs.  ``nvml`` replaces the ``pynvml`` module
-    (tests pass a fake).
-    """
-
-    def __init__(self, nvml, handle, name: str, interval_s: float):
-        self._nvml, self._handle, self.name, self.interval_s = nvml, handle, name, interval_s
-        self._stop = threading.Event()
-        self._lock = threading.Lock()
-        self._samples: list[tuple[float, int]] = []  # (MB in use on the device, utilisation %)
-        self._process_peak_mb: float | None = None  # this process's own, when NVML lists it
-        self._pid = os.getpid()
-        self._total_mb = 0.0
-        self._thread = threading.Thread(target=self._run, name="gpu-monitor", daemon=True)
-
-    @classmethod
-    def start(cls, index: int = 0, interval_s: float = 0.1, nvml=None) -> GpuMonitor | None:
-        """Open GPU ``index`` and sample it every ``interval_s`` until ``stop()``."""
-        monitor = cls.open(index, interval_s, nvml)
-        if monitor is not None:
-            monitor._sample()
-            monitor._thread.start()
-        return monitor
-
-    @classmethod
-    def open(cls, index: int = 0, interval_s: float = 0.1, nvml=None) -> GpuMonitor | None:
-        """NVML opened on GPU ``index``, not sampling yet; None without NVML or that GPU."""
-        try:
-            if nvml is None:
-                import pynvml as nvml
-            nvml.nvmlInit()
-        except Exception as exc:  # noqa: BLE001 - no NVML / no driver: nothing to monitor
-            logger.debug("no GPU monitor: %s", exc)
-            return None
-        try:
-            handle = nvml.nvmlDeviceGetHandleByIndex(index)
-            name = nvml.nvmlDeviceGetName(handle)
-        except Exception as exc:  # noqa: BLE001 - no such GPU
-            logger.debug("no GPU monitor: %s", exc)
-            try:
-                nvml.nvmlShutdown()
-            except Exception:  # noqa: BLE001
-                pass
-            return None
-        return cls(nvml, handle, name.decode() if isinstance(name, bytes) else str(name), interval_s)
-
-    def _sample(self) -> None:
-        try:
-            mem = self._nvml.nvmlDeviceGetMemoryInfo(self._handle)
-            util = self._nvml.nvmlDeviceGetUtilizationRates(self._handle)
-        except Exception as exc:  # noqa: BLE001 - a failed sample is skipped, not fatal
-            logger.debug("GPU sample failed: %s", exc)
-            return
-        own = self._process_memory_mb()
-        with self._lock:
-            self._total_mb = mem.total / 2**20
-            self._samples.append((mem.used / 2**20, int(util.gpu)))
-            if own is not None:
-                self._process_peak_mb = max(own, self._process_peak_mb or 0.0)
-
-    def _process_memory_mb(self) -> float | None:
-        try:
-            procs = self._nvml.nvmlDeviceGetComputeRunningProcesses(self._handle)
-        except Exception:  # noqa: BLE001 - not supported (e.g. some containers): device figures only
-            return None
-        used = [p.usedGpuMemory for p in procs if p.pid == self._pid and p.usedGpuMemory is not None]
-        return sum(used) / 2**20 if used else None
-
-    def _run(self) -> None:
-        while not self._stop.wait(self.interval_s):
-            self._sample()
-
-    def stop(self) -> None:
-        """Stop sampling (takes one last sample) and release NVML; idempotent."""
-        if self._stop.is_set():
-            return
-        self._stop.set()
-        self._thread.join(timeout=5 * self.interval_s + 1)
-        self._sample()
-        self._close()
-
-    def _close(self) -> None:
-        try:
-            self._nvml.nvmlShutdown()
-        except Exception:  # noqa: BLE001 - shutdown failure is irrelevant here
-            pass
-
-    def summary(self) -> dict:
-        with self._lock:
-            samples = list(self._samples)
-        if not samples:
-            return {"name": self.name, "samples": 0}
-        used = [m for m, _ in samples]
-        util = [u for _, u in samples]
-        return {
-            "name": self.name,
-            "memory_used_mb": round(used[-1], 1),
-            "memory_total_mb": round(self._total_mb, 1),
-            "utilisation_percent": util[-1],
-            "peak_memory_used_mb": round(max(used), 1),
-            "peak_process_memory_mb": None if self._process_peak_mb is None else round(self._process_peak_mb, 1),
-            "max_utilisation_percent": max(util),
-            "mean_utilisation_percent": round(sum(util) / len(util), 1),
-            "samples": len(samples),
-            "sample_interval_s": self.interval_s,
-        }
 
 
 def trt_cache_dir(workdir: Path, model: ModelConfig, gpu: GpuInfo, trt_version: str) -> Path:
@@ -342,31 +176,12 @@ def _make_cpu(ctx: BackendContext) -> Backend:
     return OrtBackend("cpu", ctx.model, ["CPUExecutionProvider"], threads=ctx.threads)
 
 
-class FakeBackend:
-    """Test double: logits from a function of the input (default: all background)."""
-
-    name = "fake"
-
-    def __init__(self, model: ModelConfig, fn: Callable[[np.ndarray], np.ndarray] | None = None):
-        self.model = model
-        n_out = len(model.labels) + (1 if model.kind == "softmax" else 0)
-        self.fn = fn or (lambda x: np.zeros((x.shape[0], n_out, *x.shape[2:]), np.float32))
-
-    def predict(self, x: np.ndarray) -> np.ndarray:
-        return self.fn(x)
-
-
 # name -> factory, in "auto" preference order
 BACKENDS: dict[str, Callable[[BackendContext], Backend]] = {
     "tensorrt": _make_tensorrt,
     "cuda": _make_cuda,
     "cpu": _make_cpu,
 }
-
-
-def register_backend(name: str, factory: Callable[[BackendContext], Backend]) -> None:
-    """Add (or replace) a backend factory; it joins the end of the ``auto`` order."""
-    BACKENDS[name] = factory
 
 
 def select_backend(

@@ -1,4 +1,12 @@
-"""Data elements stored as their encoded bytes, for the writers' per-frame / per-contour items.
+"""DICOM helpers both writers (SEG and RTSTRUCT) share.
+
+* ``write_dataset``: a dataset saved as a Part 10 file, or an ``OutputError``.
+* ``format_ds`` / ``format_ds_array``: Decimal Strings of at most 16 characters.
+* ``require_lo``: a Long String refused, not cut, when over 64 characters.
+* ``copy_patient_and_study``: the patient and study attributes both copy from the CT
+  (one list, ``PATIENT_STUDY_KEYWORDS``).
+* ``put_text`` / ``put_uint``: data elements stored as their encoded bytes, for the
+  writers' per-frame / per-contour items (below).
 
 pydicom validates every value it is given (~0.1 ms each for UI, DS, CS, IS strings), and
 a SEG or RTSTRUCT of one CT holds tens of thousands of them, all produced by our own code
@@ -11,16 +19,28 @@ with explicit VR little endian.
 
 from __future__ import annotations
 
+import copy
+import logging
 from collections.abc import Sequence
 from functools import cache
+from pathlib import Path
 
 import numpy as np
 from pydicom.datadict import dictionary_VR, tag_for_keyword
 from pydicom.dataelem import RawDataElement
-from pydicom.dataset import Dataset
+from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.tag import BaseTag, Tag
+from pydicom.uid import ExplicitVRLittleEndian
+from pydicom.valuerep import format_number_as_ds
 
-__all__ = ["put_text", "put_uint", "format_ds_array"]
+from autocontour.errors import OutputError
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "put_text", "put_uint", "format_ds", "format_ds_array", "require_lo", "write_dataset", "copy_patient_and_study",
+    "PATIENT_STUDY_KEYWORDS",
+]
 
 _TEXT_VRS = {"AE", "AS", "CS", "DA", "DS", "DT", "IS", "LO", "LT", "PN", "SH", "ST", "TM", "UC", "UI", "UT"}
 _UINT_DTYPES = {"US": "<u2", "UL": "<u4"}
@@ -57,6 +77,17 @@ def put_uint(ds: Dataset, keyword: str, values: Sequence[int]) -> None:
     _put(ds, keyword, np.asarray(values, _UINT_DTYPES.get(vr, "<u4")).tobytes(), _UINT_DTYPES)
 
 
+def format_ds(value: float) -> str:
+    """A Decimal String of at most 16 characters: 3 decimals (um), shorter if needed."""
+    value = float(value)
+    if not np.isfinite(value):
+        raise ValueError(f"cannot write {value} as a DICOM DS")
+    text = f"{round(value, 3) + 0.0:.3f}"  # "+ 0.0" turns -0.0 into 0.0
+    if len(text) > 16:
+        text = format_number_as_ds(value)
+    return text
+
+
 def format_ds_array(values: np.ndarray) -> list[str]:
     """Decimal Strings with 3 decimals (micrometres) for an array of finite floats.
 
@@ -71,3 +102,115 @@ def format_ds_array(values: np.ndarray) -> list[str]:
         raise ValueError(f"{np.abs(v).max()} is too large for a 16-character DICOM DS with 3 decimals")
     v = np.where((v > -0.0005) & (v <= 0.0), 0.0, v)  # values that would print as "-0.000"
     return list(map("{:.3f}".format, v.tolist()))
+
+
+LO_MAX_CHARS = 64  # Long String (LO): at most 64 characters
+
+
+def require_lo(text: str, what: str) -> str:
+    """``text`` unchanged if it fits a Long String (LO) element, else ValueError naming ``what``.
+
+    Both writers refuse an over-long value instead of cutting it: what the caller asked
+    to write is written whole or not at all.
+    """
+    if len(text) > LO_MAX_CHARS:
+        raise ValueError(f"{what} {text!r} is longer than {LO_MAX_CHARS} characters (LO)")
+    return text
+
+
+def write_dataset(ds: Dataset, path: str | Path) -> Path:
+    """Save ``ds`` as a DICOM Part 10 file (preamble, file meta) and return the path.
+
+    The transfer syntax is the one in ``ds.file_meta`` (explicit VR little endian for
+    the writers' datasets; implicit VR little endian is also accepted).
+
+    Raises:
+        OutputError: the file cannot be written.
+    """
+    path = Path(path)
+    file_meta = getattr(ds, "file_meta", None)
+    if file_meta is None:
+        ds.file_meta = file_meta = FileMetaDataset()
+    if "TransferSyntaxUID" not in file_meta:
+        file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    try:
+        ds.save_as(path, enforce_file_format=True)
+    except OSError as exc:
+        raise OutputError(f"cannot write {path}: {exc} - check that the output folder exists and is writable") from exc
+    logger.info("wrote %s", path)
+    return path
+
+
+# Root attributes of the Patient, Clinical Trial Subject, General Study, Patient Study and
+# Clinical Trial Study modules of the CT Image IOD (PS3.3 A.3), copied from the CT when
+# present into the SEG and the RTSTRUCT (the RT Structure Set IOD, A.19, has the same
+# modules).  The list highdicom's copy_patient_and_study_information derives from its
+# tables of the standard (tests/test_dicom_seg.py checks that they agree).
+PATIENT_STUDY_KEYWORDS = (
+    # Patient
+    "ReferencedPatientSequence", "PatientName", "PatientID", "IssuerOfPatientID", "TypeOfPatientID",
+    "IssuerOfPatientIDQualifiersSequence", "SourcePatientGroupIdentificationSequence",
+    "GroupOfPatientsIdentificationSequence", "PatientBirthDate", "PatientBirthTime",
+    "PatientBirthDateInAlternativeCalendar", "PatientDeathDateInAlternativeCalendar", "PatientAlternativeCalendar",
+    "PatientSex", "QualityControlSubject", "StrainDescription", "StrainNomenclature", "StrainStockSequence",
+    "StrainAdditionalInformation", "StrainCodeSequence", "GeneticModificationsSequence", "OtherPatientNames",
+    "OtherPatientIDsSequence", "ReferencedPatientPhotoSequence", "EthnicGroupCodeSequence",
+    "PatientSpeciesDescription", "PatientSpeciesCodeSequence", "PatientBreedDescription",
+    "PatientBreedCodeSequence", "BreedRegistrationSequence", "ResponsiblePerson", "ResponsiblePersonRole",
+    "ResponsibleOrganization", "PatientComments", "PatientIdentityRemoved", "DeidentificationMethod",
+    "DeidentificationMethodCodeSequence",
+    # Clinical Trial Subject
+    "ClinicalTrialSponsorName", "ClinicalTrialProtocolID", "ClinicalTrialProtocolName",
+    "IssuerOfClinicalTrialProtocolID", "OtherClinicalTrialProtocolIDsSequence", "ClinicalTrialSiteID",
+    "ClinicalTrialSiteName", "IssuerOfClinicalTrialSiteID", "ClinicalTrialSubjectID",
+    "IssuerOfClinicalTrialSubjectID", "ClinicalTrialSubjectReadingID", "IssuerOfClinicalTrialSubjectReadingID",
+    "ClinicalTrialProtocolEthicsCommitteeName", "ClinicalTrialProtocolEthicsCommitteeApprovalNumber",
+    # General Study
+    "StudyDate", "StudyTime", "AccessionNumber", "IssuerOfAccessionNumberSequence", "ReferringPhysicianName",
+    "ReferringPhysicianIdentificationSequence", "ConsultingPhysicianName",
+    "ConsultingPhysicianIdentificationSequence", "StudyDescription", "ProcedureCodeSequence",
+    "PhysiciansOfRecord", "PhysiciansOfRecordIdentificationSequence", "NameOfPhysiciansReadingStudy",
+    "PhysiciansReadingStudyIdentificationSequence", "ReferencedStudySequence", "StudyInstanceUID", "StudyID",
+    "RequestingService", "RequestingServiceCodeSequence", "ReasonForPerformedProcedureCodeSequence",
+    # Patient Study
+    "AdmittingDiagnosesDescription", "AdmittingDiagnosesCodeSequence", "PatientAge", "PatientSize",
+    "PatientSizeCodeSequence", "PatientBodyMassIndex", "MeasuredAPDimension", "MeasuredLateralDimension",
+    "PatientWeight", "MedicalAlerts", "Allergies", "Occupation", "SmokingStatus", "AdditionalPatientHistory",
+    "PregnancyStatus", "LastMenstrualDate", "PatientSexNeutered", "ReasonForVisit", "ReasonForVisitCodeSequence",
+    "AdmissionID", "IssuerOfAdmissionIDSequence", "ServiceEpisodeID", "ServiceEpisodeDescription",
+    "IssuerOfServiceEpisodeIDSequence", "PatientState",
+    # Clinical Trial Study
+    "ClinicalTrialTimePointID", "ClinicalTrialTimePointDescription", "LongitudinalTemporalOffsetFromEvent",
+    "LongitudinalTemporalEventType", "ClinicalTrialTimePointTypeCodeSequence", "IssuerOfClinicalTrialTimePointID",
+    "ConsentForClinicalTrialUseSequence",
+)
+
+# Type 2 attributes of the Patient and General Study modules: written empty when the CT
+# lacks them (a non-conformant CT must not make a non-conformant SEG)
+TYPE2_PATIENT_STUDY = (
+    "PatientName", "PatientID", "PatientBirthDate", "PatientSex",
+    "StudyDate", "StudyTime", "ReferringPhysicianName", "StudyID", "AccessionNumber",
+)
+
+
+def copy_patient_and_study(target: Dataset, ct: Dataset) -> None:
+    """Patient, Clinical Trial Subject, General Study, Patient Study and Clinical Trial Study
+    modules of ``target``, copied from the CT header ``ct`` (``PATIENT_STUDY_KEYWORDS``);
+    the type 2 ones the CT lacks are written empty."""
+    for keyword in PATIENT_STUDY_KEYWORDS:
+        if keyword in ct:
+            target[keyword] = copy.deepcopy(ct[keyword])
+    for keyword in TYPE2_PATIENT_STUDY:  # required, possibly empty, even when the CT lacks them
+        if keyword not in target:
+            setattr(target, keyword, None)
+    if "ReferencedStudySequence" in target:
+        # anonymisation often blanks Referenced SOP Class UID (type 1 in the item): drop
+        # the items that are not complete
+        kept = [
+            item for item in target.ReferencedStudySequence
+            if item.get("ReferencedSOPClassUID") and item.get("ReferencedSOPInstanceUID")
+        ]
+        if kept:
+            target.ReferencedStudySequence = kept
+        else:
+            del target.ReferencedStudySequence

@@ -1,4 +1,4 @@
-"""Write the contours as a DICOM Segmentation (SEG), and read any SEG back onto a Volume.
+"""Write the contours as a DICOM Segmentation (SEG); ``autocontour.readback`` reads SEGs back.
 
 The writer builds the Segmentation IOD with pydicom directly; its output is checked
 element by element against highdicom's ``Segmentation`` built from the same masks
@@ -6,7 +6,7 @@ element by element against highdicom's ``Segmentation`` built from the same mask
 (~2 s per CT, on the critical path: loading its JSON tables of the standard, checking
 which CT attributes belong to the IOD, an overlap sum over a (frames x rows x columns x
 segments) array, per-value DS validation) was measured as the slowest stage of the app.
-The reader still uses highdicom, imported when first needed.  Choices, and why:
+The reader (``readback.read_seg_masks``) still uses highdicom.  Choices, and why:
 
 * ``BINARY`` segmentation type, one segment per structure: targets overlap organs, which
   a ``LABELMAP`` cannot hold.  Segments follow the order of the structure table
@@ -24,8 +24,8 @@ The reader still uses highdicom, imported when first needed.  Choices, and why:
   (segment number, plane position), as highdicom orders them.  The SEG references every
   slice of the CT series (Referenced Series / Source Image Sequence).
 * Patient and study attributes are those of the CT Image IOD's Patient and Study
-  modules, copied from the first slice (the same list highdicom derives from its tables
-  of the standard; ``_PATIENT_STUDY_KEYWORDS``).
+  modules, copied from the first slice (``dicom_elements.copy_patient_and_study``, the
+  list highdicom derives from its tables of the standard, shared with the RTSTRUCT).
 * Native (uncompressed) transfer syntax: BINARY frames are bit-packed (1 bit/pixel,
   frames back to back with no padding between them), so compression would cost time for
   little gain.
@@ -42,7 +42,6 @@ import datetime
 import logging
 import time
 from collections.abc import Mapping, Sequence
-from typing import TYPE_CHECKING
 
 import numpy as np
 from pydicom.dataelem import DataElement
@@ -51,18 +50,15 @@ from pydicom.sequence import Sequence as DicomSequence
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 from pydicom.valuerep import DSfloat, format_number_as_ds
 
-from autocontour.dicom_elements import put_text, put_uint
+from autocontour.dicom_elements import copy_patient_and_study, put_text, put_uint, require_lo
 from autocontour.errors import GeometryError
 from autocontour.postprocess import bounding_box
 from autocontour.structures import STRUCTURES, Code, StructureDefinition, structure
 from autocontour.volume import Volume
 
-if TYPE_CHECKING:  # highdicom is imported by the reader only, when it is first used
-    import highdicom as hd
-
 logger = logging.getLogger(__name__)
 
-__all__ = ["build_seg", "read_seg_masks", "cielab_color", "CONTENT_LABEL", "SEGMENTATION_STORAGE"]
+__all__ = ["build_seg", "cielab_color", "CONTENT_LABEL", "SEGMENTATION_STORAGE", "SEG_STORAGE_UIDS"]
 
 CONTENT_LABEL = "AUTOSEG"
 DEFAULT_MANUFACTURER = "autocontour"
@@ -70,56 +66,6 @@ DEFAULT_MODEL_NAME = "autocontour head-and-neck auto-segmentation"
 DEFAULT_CONTENT_CREATOR = "AUTOCONTOUR^"  # PN: family name only (trailing caret)
 SEGMENTATION_STORAGE = "1.2.840.10008.5.1.4.1.1.66.4"
 SEG_STORAGE_UIDS = (SEGMENTATION_STORAGE, "1.2.840.10008.5.1.4.1.1.66.7")
-
-# Root attributes of the Patient, Clinical Trial Subject, General Study, Patient Study and
-# Clinical Trial Study modules of the CT Image IOD (PS3.3 A.3), copied from the CT when
-# present.  The list highdicom's copy_patient_and_study_information derives from its
-# tables of the standard (tests/test_dicom_seg.py checks that they agree).
-_PATIENT_STUDY_KEYWORDS = (
-    # Patient
-    "ReferencedPatientSequence", "PatientName", "PatientID", "IssuerOfPatientID", "TypeOfPatientID",
-    "IssuerOfPatientIDQualifiersSequence", "SourcePatientGroupIdentificationSequence",
-    "GroupOfPatientsIdentificationSequence", "PatientBirthDate", "PatientBirthTime",
-    "PatientBirthDateInAlternativeCalendar", "PatientDeathDateInAlternativeCalendar", "PatientAlternativeCalendar",
-    "PatientSex", "QualityControlSubject", "StrainDescription", "StrainNomenclature", "StrainStockSequence",
-    "StrainAdditionalInformation", "StrainCodeSequence", "GeneticModificationsSequence", "OtherPatientNames",
-    "OtherPatientIDsSequence", "ReferencedPatientPhotoSequence", "EthnicGroupCodeSequence",
-    "PatientSpeciesDescription", "PatientSpeciesCodeSequence", "PatientBreedDescription",
-    "PatientBreedCodeSequence", "BreedRegistrationSequence", "ResponsiblePerson", "ResponsiblePersonRole",
-    "ResponsibleOrganization", "PatientComments", "PatientIdentityRemoved", "DeidentificationMethod",
-    "DeidentificationMethodCodeSequence",
-    # Clinical Trial Subject
-    "ClinicalTrialSponsorName", "ClinicalTrialProtocolID", "ClinicalTrialProtocolName",
-    "IssuerOfClinicalTrialProtocolID", "OtherClinicalTrialProtocolIDsSequence", "ClinicalTrialSiteID",
-    "ClinicalTrialSiteName", "IssuerOfClinicalTrialSiteID", "ClinicalTrialSubjectID",
-    "IssuerOfClinicalTrialSubjectID", "ClinicalTrialSubjectReadingID", "IssuerOfClinicalTrialSubjectReadingID",
-    "ClinicalTrialProtocolEthicsCommitteeName", "ClinicalTrialProtocolEthicsCommitteeApprovalNumber",
-    # General Study
-    "StudyDate", "StudyTime", "AccessionNumber", "IssuerOfAccessionNumberSequence", "ReferringPhysicianName",
-    "ReferringPhysicianIdentificationSequence", "ConsultingPhysicianName",
-    "ConsultingPhysicianIdentificationSequence", "StudyDescription", "ProcedureCodeSequence",
-    "PhysiciansOfRecord", "PhysiciansOfRecordIdentificationSequence", "NameOfPhysiciansReadingStudy",
-    "PhysiciansReadingStudyIdentificationSequence", "ReferencedStudySequence", "StudyInstanceUID", "StudyID",
-    "RequestingService", "RequestingServiceCodeSequence", "ReasonForPerformedProcedureCodeSequence",
-    # Patient Study
-    "AdmittingDiagnosesDescription", "AdmittingDiagnosesCodeSequence", "PatientAge", "PatientSize",
-    "PatientSizeCodeSequence", "PatientBodyMassIndex", "MeasuredAPDimension", "MeasuredLateralDimension",
-    "PatientWeight", "MedicalAlerts", "Allergies", "Occupation", "SmokingStatus", "AdditionalPatientHistory",
-    "PregnancyStatus", "LastMenstrualDate", "PatientSexNeutered", "ReasonForVisit", "ReasonForVisitCodeSequence",
-    "AdmissionID", "IssuerOfAdmissionIDSequence", "ServiceEpisodeID", "ServiceEpisodeDescription",
-    "IssuerOfServiceEpisodeIDSequence", "PatientState",
-    # Clinical Trial Study
-    "ClinicalTrialTimePointID", "ClinicalTrialTimePointDescription", "LongitudinalTemporalOffsetFromEvent",
-    "LongitudinalTemporalEventType", "ClinicalTrialTimePointTypeCodeSequence", "IssuerOfClinicalTrialTimePointID",
-    "ConsentForClinicalTrialUseSequence",
-)
-
-# Type 2 attributes of the Patient and General Study modules: written empty when the CT
-# lacks them (a non-conformant CT must not make a non-conformant SEG)
-_TYPE2_PATIENT_STUDY = (
-    "PatientName", "PatientID", "PatientBirthDate", "PatientSex",
-    "StudyDate", "StudyTime", "ReferringPhysicianName", "StudyID", "AccessionNumber",
-)
 
 # DCM codes (PS3.16)
 _ARTIFICIAL_INTELLIGENCE = Code("123110", "DCM", "Artificial Intelligence")  # CID 7162
@@ -289,7 +235,7 @@ def build_seg(
     Returns:
         A ``pydicom.Dataset`` (Segmentation Storage, explicit VR little endian, with file
         meta) with fresh Series/SOP Instance UIDs; patient and study attributes are copied
-        from the CT.  Write it with ``autocontour.rtstruct.write_dataset``.
+        from the CT.  Write it with ``autocontour.dicom_elements.write_dataset``.
 
     Raises:
         KeyError: a name is not in the structure table.
@@ -299,6 +245,43 @@ def build_seg(
     """
     t0 = time.perf_counter()
     shape = tuple(volume.array.shape)
+    defs, ct, frame_of_reference = _checked_inputs(volume, masks)
+    for what, text in (("manufacturer", manufacturer), ("manufacturer model name", manufacturer_model_name),
+                       ("device serial number", device_serial_number), ("algorithm version", algorithm_version),
+                       ("content description", content_description), ("series description", series_description),
+                       ("algorithm name", algorithm_name), ("institution name", institution_name or "")):
+        require_lo(text, what)
+    arrays = [masks[d.name] for d in defs]
+    boxes = [bounding_box(m) for m in arrays]
+    frames = _frame_plan(volume, arrays, boxes)
+
+    seg = Dataset()
+    _sop_common(seg, ct)
+    copy_patient_and_study(seg, ct)
+    _series(seg, series_number, series_description)
+    _frame_of_reference(seg, ct, frame_of_reference)
+    _equipment(seg, manufacturer, manufacturer_model_name, device_serial_number, algorithm_version, institution_name)
+    _segmentation_image(seg, ct, shape, content_description, content_creator_name)
+    _segments(seg, defs, arrays, boxes, _algorithm_identification(algorithm_name, algorithm_version))
+    _multiframe_dimension(seg)
+    _shared_functional_groups(seg, volume, ct)
+    # Per-frame functional groups
+    seg.PerFrameFunctionalGroupsSequence = DicomSequence(_per_frame_items(volume, frames))
+    seg.NumberOfFrames = len(frames)
+    # every CT slice is referenced, in k order (the frames reference theirs one by one)
+    _reference_all_slices(seg, volume)
+    _pixel_data(seg, arrays, frames, shape)
+    _file_meta(seg)
+    logger.info(
+        "DICOM-SEG: %d segments, %d frames on %d CT slices (%.2f s)",
+        len(defs), len(frames), shape[0], time.perf_counter() - t0,
+    )
+    return seg
+
+
+def _checked_inputs(volume: Volume, masks: Mapping[str, np.ndarray]) -> tuple[list[StructureDefinition], Dataset, str]:
+    """The structures in table order, the first CT header and the frame of reference, or the error."""
+    shape = tuple(volume.array.shape)
     if not masks:
         raise ValueError("no masks to write: pass at least one structure")
     if len(volume.datasets) != shape[0] or len(volume.sop_instance_uids) != shape[0]:
@@ -307,7 +290,6 @@ def build_seg(
             f"{len(volume.sop_instance_uids)} SOP instance UIDs; build it with build_volume"
         )
     defs = _ordered_structures(masks, shape)
-    arrays = [masks[d.name] for d in defs]
     ct = volume.datasets[0]
     frame_of_reference = volume.frame_of_reference_uid or str(ct.get("FrameOfReferenceUID", ""))
     if not frame_of_reference:
@@ -315,14 +297,19 @@ def build_seg(
             f"series {volume.series_instance_uid}: the CT has no FrameOfReferenceUID, so the segmentation "
             "cannot be placed in the patient by a viewer or planning system - re-export the CT from the scanner"
         )
-    for text in (manufacturer, manufacturer_model_name, device_serial_number, algorithm_version,
-                 content_description, series_description, algorithm_name, institution_name or ""):
-        if len(text) > 64:
-            raise ValueError(f"{text!r} is longer than 64 characters (LO)")
+    return defs, ct, frame_of_reference
 
-    # frames: segment by segment, each over its occupied slices in the order of the slice
-    # normal; plane positions are numbered over the slices that hold any structure
-    boxes = [bounding_box(m) for m in arrays]
+
+def _frame_plan(
+    volume: Volume, arrays: Sequence[np.ndarray], boxes: Sequence[tuple[slice, ...] | None]
+) -> list[tuple[int, int, int]]:
+    """(segment index, slice k, plane position number) of each frame, in frame order.
+
+    Segment by segment, each over its occupied slices in the order of the slice normal;
+    plane positions are numbered over the slices that hold any structure.
+    """
+    shape = tuple(volume.array.shape)
+    ct = volume.datasets[0]
     occupied = []
     for m, box in zip(arrays, boxes):
         occ = np.zeros(shape[0], bool)
@@ -333,18 +320,20 @@ def build_seg(
     positions = np.array([[float(v) for v in ds.ImagePositionPatient] for ds in volume.datasets])
     distance = positions @ _slice_normal([float(v) for v in ct.ImageOrientationPatient])
     planes = [int(k) for k in np.argsort(distance, kind="stable") if any_occupied[k]]
-    frames: list[tuple[int, int, int]] = []  # (segment index, slice k, plane position number)
+    frames: list[tuple[int, int, int]] = []
     if planes:
         for s, occ in enumerate(occupied):
             frames += [(s, k, p) for p, k in enumerate(planes, start=1) if occ[k]]
     else:
         # nothing to write: every segment gets one empty frame on the first slice
-        logger.warning("all %d masks are empty; the SEG will hold one empty frame per segment", len(defs))
-        frames = [(s, 0, 1) for s in range(len(defs))]
+        logger.warning("all %d masks are empty; the SEG will hold one empty frame per segment", len(arrays))
+        frames = [(s, 0, 1) for s in range(len(arrays))]
+    return frames
 
+
+def _sop_common(seg: Dataset, ct: Dataset) -> None:
+    """SOP Common module, and the CT scanner as Contributing Equipment."""
     now = datetime.datetime.now()
-    seg = Dataset()
-    # SOP Common
     if "SpecificCharacterSet" in ct:  # our own text is ASCII: the CT's character set holds it
         seg.SpecificCharacterSet = copy.deepcopy(ct.SpecificCharacterSet)
     seg.SOPClassUID = SEGMENTATION_STORAGE
@@ -354,40 +343,36 @@ def build_seg(
     equipment = _acquisition_equipment(ct)
     if equipment is not None:
         seg.ContributingEquipmentSequence = [equipment]
-    # Patient, Clinical Trial Subject, General Study, Patient Study, Clinical Trial Study
-    for keyword in _PATIENT_STUDY_KEYWORDS:
-        if keyword in ct:
-            seg[keyword] = copy.deepcopy(ct[keyword])
-    for keyword in _TYPE2_PATIENT_STUDY:  # required, possibly empty, even when the CT lacks them
-        if keyword not in seg:
-            setattr(seg, keyword, None)
-    if "ReferencedStudySequence" in seg:
-        # anonymisation often blanks Referenced SOP Class UID (type 1 in the item): drop
-        # the items that are not complete
-        kept = [
-            item for item in seg.ReferencedStudySequence
-            if item.get("ReferencedSOPClassUID") and item.get("ReferencedSOPInstanceUID")
-        ]
-        if kept:
-            seg.ReferencedStudySequence = kept
-        else:
-            del seg.ReferencedStudySequence
-    # General Series, Segmentation Series
+
+
+def _series(seg: Dataset, series_number: int, series_description: str) -> None:
+    """General Series and Segmentation Series modules (a new series)."""
     seg.Modality = "SEG"
     seg.SeriesInstanceUID = generate_uid()
     seg.SeriesNumber = series_number
     seg.SeriesDescription = series_description
-    # Frame of Reference
+
+
+def _frame_of_reference(seg: Dataset, ct: Dataset, frame_of_reference: str) -> None:
+    """Frame of Reference module: the CT's."""
     seg.FrameOfReferenceUID = frame_of_reference
     seg.PositionReferenceIndicator = ct.get("PositionReferenceIndicator", None)
-    # General Equipment, Enhanced General Equipment
+
+
+def _equipment(seg: Dataset, manufacturer: str, model_name: str, serial_number: str, software_versions: str,
+               institution_name: str | None) -> None:
+    """General Equipment and Enhanced General Equipment modules: this software."""
     seg.Manufacturer = manufacturer
-    seg.ManufacturerModelName = manufacturer_model_name
-    seg.DeviceSerialNumber = device_serial_number
-    seg.SoftwareVersions = algorithm_version
+    seg.ManufacturerModelName = model_name
+    seg.DeviceSerialNumber = serial_number
+    seg.SoftwareVersions = software_versions
     if institution_name is not None:
         seg.InstitutionName = institution_name
-    # General Image, Segmentation Image, Image Pixel
+
+
+def _segmentation_image(seg: Dataset, ct: Dataset, shape: tuple[int, ...], content_description: str,
+                        content_creator_name: str) -> None:
+    """General Image, Segmentation Image (without its segments) and Image Pixel modules."""
     seg.InstanceNumber = 1
     seg.ContentDate = seg.InstanceCreationDate
     seg.ContentTime = seg.InstanceCreationTime
@@ -409,10 +394,17 @@ def build_seg(
             if keyword in ct:
                 seg[keyword] = copy.deepcopy(ct[keyword])
     seg.Rows, seg.Columns = shape[1], shape[2]
-    algorithm = _algorithm_identification(algorithm_name, algorithm_version)
+
+
+def _segments(seg: Dataset, defs: Sequence[StructureDefinition], arrays: Sequence[np.ndarray],
+              boxes: Sequence[tuple[slice, ...] | None], algorithm: Dataset) -> None:
+    """Segmentation Image module's Segment Sequence, one segment per structure, and SegmentsOverlap."""
     seg.SegmentSequence = [_segment_description(n, d, algorithm) for n, d in enumerate(defs, start=1)]
     seg.SegmentsOverlap = "YES" if _segments_overlap(arrays, boxes) else "NO"
-    # Multi-frame Dimension: segment number, then plane position
+
+
+def _multiframe_dimension(seg: Dataset) -> None:
+    """Multi-frame Dimension module: segment number, then plane position."""
     organisation = generate_uid()
     dims = []
     for pointer, group, label in (
@@ -429,7 +421,10 @@ def build_seg(
     org = Dataset()
     org.DimensionOrganizationUID = organisation
     seg.DimensionOrganizationSequence = [org]
-    # Shared functional groups: the CT's plane orientation and pixel measures
+
+
+def _shared_functional_groups(seg: Dataset, volume: Volume, ct: Dataset) -> None:
+    """Shared Functional Groups: the CT's plane orientation and pixel measures."""
     shared = Dataset()
     orientation = Dataset()
     orientation.ImageOrientationPatient = copy.deepcopy(ct.ImageOrientationPatient)
@@ -443,13 +438,11 @@ def build_seg(
     measures.PixelSpacing = copy.deepcopy(ct.PixelSpacing)
     shared.PixelMeasuresSequence = [measures]
     seg.SharedFunctionalGroupsSequence = [shared]
-    # Per-frame functional groups
-    seg.PerFrameFunctionalGroupsSequence = DicomSequence(_per_frame_items(volume, frames))
-    seg.NumberOfFrames = len(frames)
-    # every CT slice is referenced, in k order (the frames reference theirs one by one)
-    _reference_all_slices(seg, volume)
 
-    # Pixel data: frames back to back, 1 bit per pixel, little-endian bit order
+
+def _pixel_data(seg: Dataset, arrays: Sequence[np.ndarray], frames: Sequence[tuple[int, int, int]],
+                shape: tuple[int, ...]) -> None:
+    """Pixel Data: frames back to back, 1 bit per pixel, little-endian bit order."""
     if (shape[1] * shape[2]) % 8 == 0:  # whole bytes per frame: pack frame by frame, in place
         packed_frames = np.empty((len(frames), shape[1] * shape[2] // 8), np.uint8)
         for f, (s, k, _) in enumerate(frames):
@@ -464,6 +457,9 @@ def build_seg(
         packed += b"\x00"
     seg.add(DataElement(0x7FE00010, "OB", packed))
 
+
+def _file_meta(seg: Dataset) -> None:
+    """Preamble and File Meta Information (explicit VR little endian)."""
     seg.preamble = b"\x00" * 128  # a Part 10 file also with plain save_as()
     seg.file_meta = FileMetaDataset()
     seg.file_meta.MediaStorageSOPClassUID = seg.SOPClassUID
@@ -471,11 +467,6 @@ def build_seg(
     seg.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
     validate_file_meta(seg.file_meta, enforce_standard=True)  # version and implementation UID
     seg.file_meta.FileMetaInformationGroupLength = 0  # the length is computed when written
-    logger.info(
-        "DICOM-SEG: %d segments, %d frames on %d CT slices (%.2f s)",
-        len(defs), len(frames), shape[0], time.perf_counter() - t0,
-    )
-    return seg
 
 
 def _per_frame_items(volume: Volume, frames: Sequence[tuple[int, int, int]]) -> list[Dataset]:
@@ -522,122 +513,3 @@ def _reference_all_slices(seg: Dataset, volume: Volume) -> None:
     series.SeriesInstanceUID = volume.series_instance_uid or volume.datasets[0].SeriesInstanceUID
     series.ReferencedInstanceSequence = [copy.copy(r) for r in refs]
     seg.ReferencedSeriesSequence = [series]
-
-
-def _frame_group(ds: Dataset, index: int, name: str) -> Dataset | None:
-    """Item of functional group ``name`` for frame ``index`` (per-frame, else shared)."""
-    per_frame = ds.get("PerFrameFunctionalGroupsSequence")
-    if per_frame and index < len(per_frame) and per_frame[index].get(name):
-        return per_frame[index].get(name)[0]
-    shared = ds.get("SharedFunctionalGroupsSequence")
-    if shared and shared[0].get(name):
-        return shared[0].get(name)[0]
-    return None
-
-
-def _frames_on_referenced_slices(ds: Dataset, volume: Volume, tol_mm: float = 0.01) -> bool:
-    """Whether every frame references one slice of ``volume`` and lies exactly on it.
-
-    Checks, per frame: a Derivation Image reference to a slice of this CT, spatial
-    locations not declared changed, the frame's orientation, pixel spacing and position
-    equal to that slice's (``tol_mm``), and the SEG's Rows/Columns equal to the CT's.
-    """
-    rows, cols = volume.array.shape[1:]
-    if int(ds.get("Rows", 0)) != rows or int(ds.get("Columns", 0)) != cols:
-        return False
-    index_of = {uid: k for k, uid in enumerate(volume.sop_instance_uids)}
-    n_frames = int(ds.get("NumberOfFrames", 1))
-    for f in range(n_frames):
-        derivation = _frame_group(ds, f, "DerivationImageSequence")
-        sources = [] if derivation is None else list(derivation.get("SourceImageSequence", []))
-        ks = [index_of[str(src.ReferencedSOPInstanceUID)] for src in sources
-              if str(src.ReferencedSOPInstanceUID) in index_of]
-        if len(ks) != 1 or any(str(src.get("SpatialLocationsPreserved", "YES")) == "NO" for src in sources):
-            return False
-        ct = volume.datasets[ks[0]]
-        position = _frame_group(ds, f, "PlanePositionSequence")
-        orientation = _frame_group(ds, f, "PlaneOrientationSequence")
-        measures = _frame_group(ds, f, "PixelMeasuresSequence")
-        if position is None or orientation is None or measures is None:
-            return False
-        if not (
-            np.allclose(np.array(position.ImagePositionPatient, float), np.array(ct.ImagePositionPatient, float),
-                        atol=tol_mm, rtol=0)
-            and np.allclose(np.array(orientation.ImageOrientationPatient, float),
-                            np.array(ct.ImageOrientationPatient, float), atol=1e-4, rtol=0)
-            and np.allclose(np.array(measures.PixelSpacing, float), np.array(ct.PixelSpacing, float),
-                            atol=1e-4, rtol=0)
-        ):
-            return False
-    return True
-
-
-def _unique_labels(seg: hd.seg.Segmentation) -> dict[int, str]:
-    labels: dict[int, str] = {}
-    seen: set[str] = set()
-    for number in seg.segment_numbers:
-        label = str(seg.get_segment_description(number).SegmentLabel)
-        if label in seen:
-            logger.warning("SEG has two segments labelled %r; naming segment %d %r", label, number, f"{label}_{number}")
-            label = f"{label}_{number}"
-        seen.add(label)
-        labels[number] = label
-    return labels
-
-
-def read_seg_masks(ds: Dataset, volume: Volume) -> dict[str, np.ndarray]:
-    """The segments of a SEG (ours or another's) as boolean masks on ``volume``'s grid.
-
-    Frames are placed by the CT slice they reference when every frame references a slice
-    of ``volume`` (exact, the usual case); otherwise by their plane positions, which must
-    lie on the volume's grid (transposes/flips/crop/pad only, never resampling).
-
-    Returns:
-        ``{SegmentLabel: mask}``, masks of shape ``volume.array.shape`` in (k, j, i) order,
-        in segment-number order.
-
-    Raises:
-        ValueError: not a Segmentation, another frame of reference, or frames off the
-            volume's grid.
-    """
-    if str(getattr(ds, "SOPClassUID", "")) not in SEG_STORAGE_UIDS:
-        raise ValueError(f"not a DICOM Segmentation (SOP class {getattr(ds, 'SOPClassUID', 'missing')})")
-    seg_for = str(getattr(ds, "FrameOfReferenceUID", ""))
-    if volume.frame_of_reference_uid and seg_for and seg_for != volume.frame_of_reference_uid:
-        raise ValueError(
-            f"SEG frame of reference {seg_for} differs from the CT's {volume.frame_of_reference_uid}: "
-            "the segmentation was not made on this CT"
-        )
-    import highdicom as hd
-
-    seg = ds if isinstance(ds, hd.seg.Segmentation) else hd.seg.Segmentation.from_dataset(ds, copy=True)
-    labels = _unique_labels(seg)
-    numbers = list(labels)
-    shape = tuple(volume.array.shape)
-    if _frames_on_referenced_slices(seg, volume):
-        stack = seg.get_pixels_by_source_instance(
-            source_sop_instance_uids=list(volume.sop_instance_uids),
-            segment_numbers=numbers,
-            # omitted (empty) frames: those slices are empty, not an error
-            assert_missing_frames_are_empty=True,
-            # checked above, frame by frame (many writers leave SpatialLocationsPreserved out)
-            ignore_spatial_locations=True,
-            skip_overlap_checks=True,
-            dtype=np.bool_,
-        )
-    else:
-        logger.info("SEG frames are not all on referenced slices of this CT; placing them by plane position")
-        geometry = hd.VolumeGeometry(
-            affine=volume.affine,
-            spatial_shape=shape,
-            coordinate_system="PATIENT",
-            frame_of_reference_uid=volume.frame_of_reference_uid or None,
-        )
-        try:
-            seg_volume = seg.get_volume(segment_numbers=numbers, skip_overlap_checks=True, dtype=np.bool_)
-            stack = seg_volume.match_geometry(geometry).array
-        except (RuntimeError, ValueError) as exc:
-            raise ValueError(f"the SEG's frames do not lie on the CT's voxel grid ({exc})") from exc
-    if stack.ndim == 3:  # a single segment may come back without the segment axis
-        stack = stack[..., np.newaxis]
-    return {labels[n]: np.ascontiguousarray(stack[..., s], dtype=bool) for s, n in enumerate(numbers)}

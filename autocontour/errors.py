@@ -9,6 +9,7 @@ Tree::
     +-- ModelError            (exit 5)  model file missing/corrupt, checksum mismatch, no backend
     +-- OutputError           (exit 6)  output folder missing/read-only, write failed
     +-- InferenceError        (exit 7)  the backend failed while running a model
+    +-- ConfigurationError    (exit 8)  a configuration file (config/series_selection.yaml) is missing or malformed
 
 Every message names the file or series at fault and what to do about it, on one line.
 """
@@ -19,6 +20,7 @@ from typing import ClassVar
 
 __all__ = [
     "AutoContourError",
+    "ConfigurationError",
     "GeometryError",
     "InferenceError",
     "InputError",
@@ -59,7 +61,14 @@ class InferenceError(AutoContourError):
     exit_code: ClassVar[int] = 7
 
 
+class ConfigurationError(AutoContourError):
+    exit_code: ClassVar[int] = 8
+
+
 EXIT_CODES: dict[str, int] = {
     cls.__name__: cls.exit_code
-    for cls in (AutoContourError, InputError, SeriesSelectionError, GeometryError, ModelError, OutputError, InferenceError)
+    for cls in (
+        AutoContourError, InputError, SeriesSelectionError, GeometryError, ModelError, OutputError, InferenceError,
+        ConfigurationError,
+    )
 }

@@ -1,9 +1,12 @@
-"""Run one segmentation model on a Volume: canonical frame -> model grid -> back.
+"""The steps of running one segmentation model on a Volume, as pure functions.
+
+``autocontour.segmenter.Segmenter.predict`` runs them in this order:
 
 1. The volume is viewed in the canonical (z, y, x) frame (exact transposes/flips).
 2. It is resampled to the model's spacing (separable linear interpolation, Gaussian
    anti-aliasing when shrinking), cropped to the body's bounding box, windowed.
-3. Sliding-window inference with Gaussian blending over the crop.
+3. Sliding-window inference with Gaussian blending over the crop (with test-time
+   mirroring, ``mirrored``, when the segmenter asks for it).
 4. Each structure is decided on the patient grid only inside the box where it can come
    out positive, from interpolated probabilities of just the channels that can compete
    there (``masks_on_patient_grid``), so the full-resolution probability volume is never
@@ -14,21 +17,22 @@ from __future__ import annotations
 
 import itertools
 import logging
-import threading
+
 import numpy as np
 from scipy import ndimage
 
-from autocontour.backends import WINDOW_BATCH, Backend
-from autocontour.model_config import ModelConfig
+from autocontour.backends import WINDOW_BATCH
+from autocontour.model_config import ModelConfig, ModelKind
 from autocontour.structures import mirror_partner
-from autocontour.volume import Volume, to_canonical
+from autocontour.volume import BODY_HU
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["segment", "mirrored", "mirror_permutation", "resample_linear", "sliding_window", "body_box", "to_model_grid", "masks_on_patient_grid"]
+__all__ = [
+    "resample_linear", "sliding_window", "body_box", "to_model_grid", "to_probabilities", "masks_on_patient_grid",
+    "mirror_permutation", "mirrored",
+]
 
-_GRID_LOCK = threading.Lock()
-BODY_HU = -400.0  # air/body threshold for the crop
 BODY_MARGIN_MM = 16.0
 
 
@@ -121,8 +125,9 @@ def sliding_window(
     return acc[(slice(None), *crop)]
 
 
-def _to_probabilities(logits: np.ndarray, kind: str) -> np.ndarray:
-    if kind == "softmax":
+def to_probabilities(logits: np.ndarray, kind: ModelKind) -> np.ndarray:
+    """(C, ...) logits -> probabilities: softmax over the channels, or each channel's sigmoid."""
+    if ModelKind(kind) is ModelKind.SOFTMAX:
         e = np.exp(logits - logits.max(0, keepdims=True))
         return e / e.sum(0, keepdims=True)
     return 1.0 / (1.0 + np.exp(-logits))
@@ -184,22 +189,12 @@ def to_model_grid(canon: np.ndarray, step: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(out)
 
 
-def _model_grid_image(volume: Volume, canon: np.ndarray, step: np.ndarray) -> np.ndarray:
-    """``to_model_grid`` once per volume and spacing: models sharing a spacing share the work."""
-    key = ("model_grid", tuple(np.round(step, 6)))
-    cache = volume.cache
-    with _GRID_LOCK:  # branches may run in parallel threads: the second one waits and reuses it
-        if key not in cache:
-            cache[key] = to_model_grid(canon, step)
-        return cache[key]
-
-
 def mirror_permutation(model: ModelConfig) -> list[int]:
     """Output channel order of the left-right mirrored image: each lateral structure's
     channel swapped with its partner's (``Parotid_L`` <-> ``Parotid_R``, from the structure
     table), every other channel (background too) in place."""
-    first = 1 if model.kind == "softmax" else 0
-    perm = list(range(len(model.labels) + first))
+    first = model.kind.background_channels
+    perm = list(range(model.output_count))
     for i, name in enumerate(model.labels):
         partner = mirror_partner(name)
         if partner is not None and partner in model.labels:
@@ -221,37 +216,8 @@ def mirrored(predict, perm: list[int]):
     return both
 
 
-def segment(volume: Volume, model: ModelConfig, backend: Backend, mirror: bool = False) -> dict[str, np.ndarray]:
-    """Masks (bool, the volume's (k, j, i) order) for each label of ``model``.
-
-    ``mirror``: test-time mirroring (``mirrored``), twice the network time.
-    """
-    view = to_canonical(volume)
-    canon = view.forward(volume.array)
-    step = np.array(model.spacing_zyx) / np.array(view.spacing_zyx)  # source voxels per model voxel
-    small = _model_grid_image(volume, canon, step)
-    box = body_box(small, model.spacing_zyx)
-    crop = small[box]
-    lo, hi = model.window_hu
-    x = (np.clip(crop, lo, hi) - lo) / (hi - lo)
-    n_out = len(model.labels) + (1 if model.kind == "softmax" else 0)
-    predict = mirrored(backend.predict, mirror_permutation(model)) if mirror else backend.predict
-    logits = sliding_window(x.astype(np.float32), model.patch_zyx, predict, n_out)
-    probs = _to_probabilities(logits, model.kind)
-    masks = {name: np.zeros(volume.array.shape, bool) for name in model.labels}
-    found = False
-    for c, sl, mask in masks_on_patient_grid(probs, model.kind, box, step, canon.shape):
-        # view.forward(mask) is a view: writing the canonical region fills the (k, j, i) mask
-        # (boxes of one structure may overlap; each decides its voxels exactly, so OR is safe)
-        view.forward(masks[model.labels[c]])[sl] |= mask
-        found = True
-    if not found:
-        logger.info("model %s: no structure found", model.name)
-    return masks
-
-
 def masks_on_patient_grid(
-    probs: np.ndarray, kind: str, box: tuple[slice, ...], step: np.ndarray, canon_shape: tuple[int, ...]
+    probs: np.ndarray, kind: ModelKind, box: tuple[slice, ...], step: np.ndarray, canon_shape: tuple[int, ...]
 ):
     """Per structure, its mask on the canonical patient grid, in the region where it can win.
 
@@ -271,11 +237,13 @@ def masks_on_patient_grid(
     boxes per structure; a structure that wins nowhere yields nothing.  The model never saw
     outside the crop, so nothing is placed beyond it.
     """
-    first = 1 if kind == "softmax" else 0
-    threshold = 1.0 / probs.shape[0] if kind == "softmax" else 0.5
+    kind = ModelKind(kind)
+    softmax = kind is ModelKind.SOFTMAX
+    first = kind.background_channels
+    threshold = 1.0 / probs.shape[0] if softmax else 0.5
     offset = np.array([b.start for b in box])
     for c in range(first, probs.shape[0]):
-        cand = probs[c] >= threshold if kind == "softmax" else probs[c] > 0.5
+        cand = probs[c] >= threshold if softmax else probs[c] > 0.5
         if not cand.any():
             continue
         # one box per group of candidate voxels: each 26-connected component's box, grown by
@@ -327,7 +295,7 @@ def _decide_in_box(probs, kind, c, threshold, mlo, mhi, offset, step, canon_shap
         return None
     positions = tuple(np.arange(a, b) / st - o - m for a, b, st, o, m in zip(plo, phi, step, offset, mlo))
     sub = probs[(slice(None), *(slice(a, b + 1) for a, b in zip(mlo, mhi)))]
-    if kind == "softmax":
+    if kind is ModelKind.SOFTMAX:
         # only channels that reach 1/C somewhere here can beat structure c
         chans = [k for k in range(sub.shape[0]) if k == c or (sub[k] >= threshold).any()]
         region = resample_linear(np.ascontiguousarray(sub[chans]), positions)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import logging
 from dataclasses import dataclass
+from enum import Enum
 from pathlib import Path
 
 import yaml
@@ -19,7 +20,23 @@ from autocontour.structures import structure
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["ModelConfig", "load_model_config", "load_models", "sha256_file"]
+__all__ = ["ModelConfig", "ModelKind", "load_model_config", "load_models", "sha256_file"]
+
+
+class ModelKind(str, Enum):
+    """How a model's output channels are read (``output.kind`` in model.yaml)."""
+
+    SOFTMAX = "softmax"  # mutually exclusive labels: channel 0 is background, the argmax decides
+    SIGMOID = "sigmoid"  # independent labels: one channel each, probability > 0.5 decides
+
+    @property
+    def background_channels(self) -> int:
+        """Output channels before the first label's (the background channel of a softmax)."""
+        return 1 if self is ModelKind.SOFTMAX else 0
+
+    def output_count(self, n_labels: int) -> int:
+        """Output channels of a network of this kind with ``n_labels`` labels."""
+        return n_labels + self.background_channels
 
 
 @dataclass(frozen=True)
@@ -29,16 +46,24 @@ class ModelConfig:
     folder: Path
     onnx_file: str
     onnx_sha256: str
-    kind: str  # "softmax" | "sigmoid"
+    kind: ModelKind  # a plain "softmax" / "sigmoid" string is converted (ValueError if neither)
     labels: tuple[str, ...]  # TG-263 name of each foreground output channel, in order
     spacing_zyx: tuple[float, float, float]
     window_hu: tuple[float, float]
     patch_zyx: tuple[int, int, int]
     description: str = ""
 
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "kind", ModelKind(self.kind))
+
     @property
     def onnx_path(self) -> Path:
         return self.folder / self.onnx_file
+
+    @property
+    def output_count(self) -> int:
+        """Channels the network outputs: one per label, plus the background of a softmax."""
+        return self.kind.output_count(len(self.labels))
 
 
 def sha256_file(path: Path) -> str:
@@ -61,13 +86,18 @@ def load_model_config(folder: Path, verify: bool = True) -> ModelConfig:
     try:
         cfg = yaml.safe_load(meta.read_text())
         inp, files = cfg["input"], cfg["files"]
+        kind = str(cfg["output"]["kind"])
+        if kind not in {k.value for k in ModelKind}:
+            raise ModelError(
+                f"{meta}: output.kind {kind!r} must be " + " or ".join(repr(k.value) for k in ModelKind)
+            )
         mc = ModelConfig(
             name=str(cfg["name"]),
             version=str(cfg["version"]),
             folder=folder,
             onnx_file=str(files["onnx"]["path"]),
             onnx_sha256=str(files["onnx"]["sha256"]),
-            kind=str(cfg["output"]["kind"]),
+            kind=ModelKind(kind),
             labels=tuple(str(v) for v in cfg["output"]["labels"]),
             spacing_zyx=tuple(float(v) for v in inp["spacing_zyx_mm"]),
             window_hu=tuple(float(v) for v in inp["window_hu"]),
@@ -78,8 +108,6 @@ def load_model_config(folder: Path, verify: bool = True) -> ModelConfig:
         raise ModelError(f"model description {meta} not found - reinstall the app's models/ folder or pass -m") from None
     except (yaml.YAMLError, KeyError, TypeError, ValueError) as exc:
         raise ModelError(f"{meta} is malformed ({type(exc).__name__}: {exc}) - restore it from the release") from None
-    if mc.kind not in ("softmax", "sigmoid"):
-        raise ModelError(f"{meta}: output.kind {mc.kind!r} must be 'softmax' or 'sigmoid'")
     for label in mc.labels:
         try:
             structure(label)

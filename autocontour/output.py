@@ -49,12 +49,15 @@ def commit(staged: dict[str, Path], output_dir: Path, staging: Path) -> list[Pat
     except OSError as exc:
         for p in done:  # no partial output
             p.unlink(missing_ok=True)
-        raise OutputError(f"could not move results into {output_dir}: {exc}") from None
+        raise OutputError(
+            f"could not move results into {output_dir}: {exc} - check the output folder's free space and permissions"
+        ) from None
     finally:
         discard(staging)
     return done
 
 
 def discard(staging: Path | None) -> None:
+    """Remove the staging folder and whatever is in it (nothing if None or already gone)."""
     if staging is not None and Path(staging).exists():
         shutil.rmtree(staging, ignore_errors=True)

@@ -15,7 +15,7 @@ import numpy as np
 from scipy import ndimage
 
 from autocontour.structures import Laterality, StructureDefinition, structure
-from autocontour.volume import Volume
+from autocontour.volume import BODY_HU, Volume
 
 logger = logging.getLogger(__name__)
 
@@ -122,7 +122,7 @@ def postprocess(volume: Volume, masks: dict[str, np.ndarray]) -> dict[str, Struc
     # midline: x of the body's centre of mass (the patient's own midline, not the image centre),
     # from every 4th voxel in each axis (plenty for a centre of mass)
     step = 4
-    body = volume.array[::step, ::step, ::step] > -400
+    body = volume.array[::step, ::step, ::step] > BODY_HU
     midline_x = (
         float(volume.index_to_lps(np.array(ndimage.center_of_mass(body))[None] * step)[0, 0]) if body.any() else 0.0
     )

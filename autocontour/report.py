@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import datetime as dt
 import platform
+from dataclasses import asdict
 
 from autocontour import APP_NAME, __version__
-from autocontour.backends import gpu_snapshot
+from autocontour.gpu import gpu_snapshot
 from autocontour.postprocess import StructureResult
 from autocontour.run_record import RunRecord
 from autocontour.structures import structure
@@ -37,9 +38,13 @@ def build_report(record: RunRecord, results: dict[str, StructureResult]) -> dict
         "application": {"name": APP_NAME, "version": __version__},
         "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "status": "UNAPPROVED automatic proposal: review every structure before clinical use",
-        "input": {"path": str(record.input_path), **record.info.get("series", {}), **record.info.get("volume", {})},
-        "models": record.info.get("models", []),
-        "outputs": {k: record.info[k] for k in ("seg", "rtstruct") if k in record.info},
+        "input": {
+            "path": str(record.input_path),
+            **(asdict(record.series) if record.series is not None else {}),
+            **(asdict(record.volume) if record.volume is not None else {}),
+        },
+        "models": [asdict(m) for m in record.models],
+        "outputs": {k: asdict(f) for k, f in (("seg", record.seg), ("rtstruct", record.rtstruct)) if f is not None},
         "structures": structures,
         "flags": [f"{s['name']}: {f}" for s in structures for f in s["flags"]],
         # wall seconds per stage; with graph_workers > 1 the model branches (and the two
@@ -47,7 +52,7 @@ def build_report(record: RunRecord, results: dict[str, StructureResult]) -> dict
         "seconds": record.seconds,
         "host": {
             "python": platform.python_version(), "machine": platform.machine(),
-            "graph_workers": record.info.get("graph_workers", 1),
+            "graph_workers": record.graph_workers,
             # sampled through the run when a model ran on the GPU, else one snapshot (None without a GPU)
             "gpu": record.gpu_monitor.summary() if record.gpu_monitor is not None else gpu_snapshot(),
         },

@@ -1,6 +1,6 @@
-"""RT Structure Set writer and reader: masks <-> planar contours on the CT's own slices.
+"""RT Structure Set writer: masks -> planar contours on the CT's own slices.
 
-Writing (``mask_to_contours``, ``build_rtstruct``, ``write_dataset``)
+Writing (``mask_to_contours``, ``build_rtstruct``; ``dicom_elements.write_dataset`` saves it)
     Each slice ``k`` of a boolean mask is traced with marching squares at level 0.5 on
     the mask padded by one pixel, so every outer boundary and every hole boundary is its
     own closed polygon.  Planning systems (Eclipse, RayStation, Monaco, Pinnacle) combine
@@ -9,90 +9,53 @@ Writing (``mask_to_contours``, ``build_rtstruct``, ``write_dataset``)
     ``Volume.affine``; the points of a contour all carry exactly the z of the CT slice
     they are drawn on and reference that slice's SOP Instance UID.
 
-Reading (``rtstruct_contours``, ``contours_to_mask``, ``rasterise_rtstruct``)
-    Works for our files and for clinical ones: each CLOSED_PLANAR contour is mapped to
-    fractional ``(k, j, i)`` indices with the inverse affine, assigned to the slice whose
-    position is within half a slice spacing, and the contours of one slice are combined
-    by the even-odd rule (XOR of polygon fills).  A pixel is inside when its centre is
-    inside.  Contours that lie on no slice of the volume are reported, never silently
-    moved.
-
-Because marching-squares vertices lie halfway between a pixel centre inside and one
-outside, and the traced edges never pass through a pixel centre, ``build_rtstruct``
-followed by ``rasterise_rtstruct`` gives back the mask exactly.
+Reading back (``autocontour.readback.rasterise_rtstruct``): because marching-squares
+vertices lie halfway between a pixel centre inside and one outside, and the traced edges
+never pass through a pixel centre, ``build_rtstruct`` followed by ``rasterise_rtstruct``
+gives back the mask exactly.
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
 from datetime import datetime
-from pathlib import Path
 
 import numpy as np
-import pydicom
 from pydicom.charset import convert_encodings
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.sequence import Sequence as DicomSequence
-from pydicom.uid import ExplicitVRLittleEndian, generate_uid
-from pydicom.valuerep import format_number_as_ds
-from skimage.draw import polygon as fill_polygon
+from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
 from skimage.measure import find_contours
 
-from autocontour.dicom_elements import format_ds_array, put_text
-from autocontour.errors import GeometryError, OutputError
+from autocontour.dicom_elements import (
+    PATIENT_STUDY_KEYWORDS, copy_patient_and_study, format_ds, format_ds_array, put_text, require_lo,
+)
+from autocontour.errors import GeometryError
 from autocontour.postprocess import bounding_box
 from autocontour.structures import StructureDefinition, structure
-from autocontour.volume import Volume
+from autocontour.volume import AXIS_ALIGNMENT_TOLERANCE, Volume
 
 logger = logging.getLogger(__name__)
 
 __all__ = [
     "RT_STRUCTURE_SET_STORAGE",
     "DETACHED_STUDY_MANAGEMENT",
-    "CT_IMAGE_STORAGE",
-    "OffSliceContour",
     "mask_to_contours",
-    "format_ds",
     "build_rtstruct",
-    "write_dataset",
-    "rtstruct_contours",
-    "contours_to_mask",
-    "rasterise_rtstruct",
 ]
 
 RT_STRUCTURE_SET_STORAGE = "1.2.840.10008.5.1.4.1.1.481.3"
 # Retired, but it is the value the RT Structure Set IOD examples and every planning
 # system use for RT Referenced Study Sequence > Referenced SOP Class UID.
 DETACHED_STUDY_MANAGEMENT = "1.2.840.10008.3.1.2.3.1"
-CT_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.2"
 
 # A traced vertex closer than this (in pixels) to the line through its neighbours is
 # dropped.  Marching squares on a binary mask only makes axis-aligned and 45-degree
 # segments, so this only ever removes exactly collinear vertices.
 COLLINEAR_TOLERANCE_PX = 0.05
-# Direction cosines may leave their patient axis by this much (same as volume.py).
-AXIAL_TOLERANCE = 1e-3
 # StructureSetLabel is a short string (SH, 16 characters).
 STRUCTURE_SET_LABEL = "AutoContour"
-
-# Patient and General Study attributes copied from the CT (all type 2 unless noted).
-_PATIENT_STUDY_KEYWORDS = (
-    "PatientName",
-    "PatientID",
-    "PatientBirthDate",
-    "PatientSex",
-    "StudyInstanceUID",  # type 1, checked separately
-    "StudyDate",
-    "StudyTime",
-    "StudyID",
-    "AccessionNumber",
-    "ReferringPhysicianName",
-    "StudyDescription",  # type 3: copied only when present
-)
-_TYPE3_KEYWORDS = {"StudyDescription"}
-
 
 # --------------------------------------------------------------------------- writing
 
@@ -158,23 +121,12 @@ def _simplify_closed(rc: np.ndarray) -> np.ndarray:
     return rc[~collinear]
 
 
-def format_ds(value: float) -> str:
-    """A Decimal String of at most 16 characters: 3 decimals (um), shorter if needed."""
-    value = float(value)
-    if not np.isfinite(value):
-        raise ValueError(f"cannot write {value} as a DICOM DS")
-    text = f"{round(value, 3) + 0.0:.3f}"  # "+ 0.0" turns -0.0 into 0.0
-    if len(text) > 16:
-        text = format_number_as_ds(value)
-    return text
-
-
 def _require_axial(volume: Volume) -> None:
     """Contours are written on the CT's own slices, which must be axial planes."""
     unit = volume.affine[:3, :3] / np.linalg.norm(volume.affine[:3, :3], axis=0)
     in_plane_z = np.abs(unit[2, 1:]).max()
     normal_off_z = np.abs(unit[:2, 0]).max()
-    if in_plane_z > AXIAL_TOLERANCE or normal_off_z > AXIAL_TOLERANCE:
+    if in_plane_z > AXIS_ALIGNMENT_TOLERANCE or normal_off_z > AXIS_ALIGNMENT_TOLERANCE:
         raise GeometryError(
             f"series {volume.series_instance_uid}: slices are not axial (direction {np.round(unit, 4).tolist()}); "
             "RTSTRUCT contours are written on axial CT slices only - send an axial reconstruction"
@@ -209,7 +161,7 @@ def _slice_z_text(volume: Volume, k: int) -> str:
 
 
 def _sop_class(ds) -> str:
-    return str(getattr(ds, "SOPClassUID", "") or CT_IMAGE_STORAGE)
+    return str(getattr(ds, "SOPClassUID", "") or CTImageStorage)
 
 
 def _image_ref(ds, sop_instance_uid: str) -> Dataset:
@@ -302,30 +254,26 @@ def build_rtstruct(
         if np.shape(mask) != volume.array.shape:
             raise ValueError(f"mask {name!r} has shape {np.shape(mask)}, volume has {volume.array.shape}")
 
-    if len(series_description) > 64:  # LO
-        logger.warning("series description %r is longer than 64 characters; truncated", series_description)
-        series_description = series_description[:64]
+    for what, text in (("series description", series_description), ("algorithm name", algorithm_name),
+                       ("algorithm version", algorithm_version)):
+        require_lo(text, what)
     now = datetime.now()
     date, time = now.strftime("%Y%m%d"), now.strftime("%H%M%S")
-    generation = f"{algorithm_name} {algorithm_version}"[:64]
+    generation = require_lo(f"{algorithm_name} {algorithm_version}", "algorithm name and version")
 
     ds = Dataset()
     # SOP Common
     ds.SpecificCharacterSet = _choose_character_set(
         ct,
-        [str(ct.get(kw, "")) for kw in _PATIENT_STUDY_KEYWORDS]
+        [str(ct[kw].value) for kw in PATIENT_STUDY_KEYWORDS if kw in ct and ct[kw].VR != "SQ"]
         + [series_description, algorithm_name, algorithm_version],
     )
     ds.InstanceCreationDate = date
     ds.InstanceCreationTime = time
     ds.SOPClassUID = RT_STRUCTURE_SET_STORAGE
     ds.SOPInstanceUID = generate_uid()
-    # Patient, General Study
-    for keyword in _PATIENT_STUDY_KEYWORDS:
-        if keyword in ct:
-            setattr(ds, keyword, ct[keyword].value)
-        elif keyword not in _TYPE3_KEYWORDS:
-            setattr(ds, keyword, "")
+    # Patient, Clinical Trial Subject, General Study, Patient Study, Clinical Trial Study
+    copy_patient_and_study(ds, ct)
     ds.StudyInstanceUID = study_uid
     # Frame of Reference (the CT's; the IOD has it since the Frame of Reference module
     # was added to RT Structure Set; older readers use the ReferencedFrameOfReferenceSequence)
@@ -446,164 +394,3 @@ def _contour_items(
             put_text(item, "ContourData", data)
             items.append(item)
     return items
-
-
-def write_dataset(ds: Dataset, path: str | Path) -> Path:
-    """Save ``ds`` as a DICOM Part 10 file (preamble, file meta) and return the path.
-
-    The transfer syntax is the one in ``ds.file_meta`` (explicit VR little endian for
-    datasets from ``build_rtstruct``; implicit VR little endian is also accepted).
-
-    Raises:
-        OutputError: the file cannot be written.
-    """
-    path = Path(path)
-    file_meta = getattr(ds, "file_meta", None)
-    if file_meta is None:
-        ds.file_meta = file_meta = FileMetaDataset()
-    if "TransferSyntaxUID" not in file_meta:
-        file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    try:
-        ds.save_as(path, enforce_file_format=True)
-    except OSError as exc:
-        raise OutputError(f"cannot write {path}: {exc} - check that the output folder exists and is writable") from exc
-    logger.info("wrote %s", path)
-    return path
-
-
-# --------------------------------------------------------------------------- reading
-
-
-@dataclass(frozen=True)
-class OffSliceContour:
-    """A contour that could not be put on a slice of the volume, and why."""
-
-    roi_name: str
-    contour_index: int  # position in the ROI's Contour Sequence
-    z: float  # mean z (LPS) of its points
-    reason: str
-
-
-def rtstruct_contours(
-    ds_rtstruct: Dataset, volume: Volume
-) -> tuple[dict[str, dict[int, list[np.ndarray]]], list[OffSliceContour]]:
-    """CLOSED_PLANAR contours of every ROI, grouped by the slice of ``volume`` they lie on.
-
-    A contour belongs to slice ``k`` when all its points are within half a slice
-    spacing of that slice's plane.  Contours of other geometric types, contours on no
-    slice of the volume and non-planar contours are returned in the second list.
-
-    Returns:
-        ``{roi_name: {k: [(N, 3) LPS points, ...]}}`` (every ROI of the Structure Set
-        ROI Sequence is present, possibly with no contours), and the contours left out.
-    """
-    names = {}
-    for roi in ds_rtstruct.get("StructureSetROISequence", []):
-        name = str(getattr(roi, "ROIName", "") or f"ROI_{roi.ROINumber}")
-        if name in names.values():
-            name = f"{name}#{roi.ROINumber}"
-            logger.warning("RTSTRUCT has two ROIs named %r; reading ROI %s as %r", roi.ROIName, roi.ROINumber, name)
-        names[int(roi.ROINumber)] = name
-    inverse = np.linalg.inv(volume.affine)
-    n_slices = volume.array.shape[0]
-    by_roi: dict[str, dict[int, list[np.ndarray]]] = {name: {} for name in names.values()}
-    left_out: list[OffSliceContour] = []
-    for roi_contour in ds_rtstruct.get("ROIContourSequence", []):
-        number = int(roi_contour.ReferencedROINumber)
-        name = names.get(number)
-        if name is None:
-            name = f"ROI_{number}"
-            logger.warning("ROI Contour Sequence refers to ROI %d, absent from Structure Set ROI Sequence", number)
-            by_roi.setdefault(name, {})
-        for index, contour in enumerate(roi_contour.get("ContourSequence", [])):
-            values = np.asarray([float(v) for v in contour.get("ContourData", [])], dtype=float)
-            if values.size == 0:
-                continue
-            if values.size % 3:
-                left_out.append(OffSliceContour(name, index, float("nan"), "ContourData is not (x, y, z) triplets"))
-                continue
-            points = values.reshape(-1, 3)
-            z = float(points[:, 2].mean())
-            kind = str(getattr(contour, "ContourGeometricType", ""))
-            if kind != "CLOSED_PLANAR":
-                left_out.append(OffSliceContour(name, index, z, f"geometric type {kind or 'missing'} is not filled"))
-                continue
-            k_frac = points @ inverse[0, :3] + inverse[0, 3]
-            k_all = np.floor(k_frac + 0.5).astype(int)
-            k = int(k_all[0])
-            if (k_all != k).any():
-                left_out.append(OffSliceContour(name, index, z, "points lie on more than one slice (not planar)"))
-            elif not 0 <= k < n_slices:
-                left_out.append(OffSliceContour(name, index, z, "on no slice of the volume"))
-            else:
-                by_roi[name].setdefault(k, []).append(points)
-    return by_roi, left_out
-
-
-def contours_to_mask(
-    contours_by_k: Mapping[int, Sequence[np.ndarray]], shape: tuple[int, int, int], affine: np.ndarray
-) -> np.ndarray:
-    """Fill planar LPS contours into a (k, j, i) mask by the even-odd rule.
-
-    The contours of one slice are XOR-ed, so a contour inside another is a hole and a
-    contour inside a hole is an island.  A pixel is inside when its centre is.
-
-    Args:
-        contours_by_k: slice index -> (N, 3) LPS polygons on that slice.
-        shape: (slices, rows, columns) of the mask.
-        affine: 4x4 index (k, j, i, 1) -> LPS of the volume.
-    """
-    inverse = np.linalg.inv(np.asarray(affine, dtype=float))
-    mask = np.zeros(shape, dtype=bool)
-    for k, contours in contours_by_k.items():
-        for points in contours:
-            kji = np.asarray(points, dtype=float) @ inverse[:3, :3].T + inverse[:3, 3]
-            rr, cc = fill_polygon(kji[:, 1], kji[:, 2], shape=shape[1:])
-            mask[k, rr, cc] ^= True
-    return mask
-
-
-def rasterise_rtstruct(
-    ds_rtstruct: Dataset | str | Path, volume: Volume, *, strict: bool = False
-) -> dict[str, np.ndarray]:
-    """Masks ``{ROIName: (k, j, i) bool array}`` of an RTSTRUCT on the grid of ``volume``.
-
-    Contours that lie on no slice of the volume (or are not CLOSED_PLANAR) are logged,
-    one warning per ROI; with ``strict=True`` they raise instead.
-
-    Args:
-        ds_rtstruct: the RTSTRUCT dataset, or a path to read it from.
-        volume: the CT the contours are drawn on.
-
-    Raises:
-        GeometryError: ``strict`` and some contours could not be placed; or the RTSTRUCT
-            refers to another frame of reference than the CT's.
-    """
-    if not isinstance(ds_rtstruct, Dataset):
-        ds_rtstruct = pydicom.dcmread(ds_rtstruct)
-    frames = {
-        str(item.FrameOfReferenceUID)
-        for item in ds_rtstruct.get("ReferencedFrameOfReferenceSequence", [])
-        if "FrameOfReferenceUID" in item
-    }
-    if volume.frame_of_reference_uid and frames and volume.frame_of_reference_uid not in frames:
-        raise GeometryError(
-            f"RTSTRUCT {ds_rtstruct.get('SOPInstanceUID', '?')} is in frame of reference {sorted(frames)}, "
-            f"the CT in {volume.frame_of_reference_uid} - contours cannot be placed on this CT"
-        )
-    by_roi, left_out = rtstruct_contours(ds_rtstruct, volume)
-    if left_out:
-        per_roi: dict[tuple[str, str], list[float]] = {}
-        for item in left_out:
-            per_roi.setdefault((item.roi_name, item.reason), []).append(item.z)
-        for (name, reason), zs in per_roi.items():
-            logger.warning(
-                "RTSTRUCT ROI %s: %d contours ignored (%s; z %.2f..%.2f mm)", name, len(zs), reason, min(zs), max(zs)
-            )
-        if strict:
-            raise GeometryError(
-                f"{len(left_out)} RTSTRUCT contours could not be placed on the CT's slices "
-                f"(first: ROI {left_out[0].roi_name}, z {left_out[0].z:.2f} mm, {left_out[0].reason})"
-            )
-    shape = volume.array.shape
-    return {name: contours_to_mask(by_k, shape, volume.affine) for name, by_k in by_roi.items()}

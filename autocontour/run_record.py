@@ -1,4 +1,10 @@
-"""What one run did, collected by the operators and written to report.json."""
+"""What one run did, collected by the operators and written to report.json.
+
+Each operator sets its own typed field of the ``RunRecord`` (the series selector
+``series``, the CT volume operator ``volume``, the app ``models``, each writer its
+``OutputFile``); ``autocontour.report`` reads them back by name.  A new output gets a
+field here and a line in ``report.build_report``.
+"""
 
 from __future__ import annotations
 
@@ -7,7 +13,59 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
-__all__ = ["RunRecord"]
+from autocontour.gpu import GpuMonitor
+
+__all__ = ["CandidateSeries", "ModelUsed", "OutputFile", "RunRecord", "SeriesChoice", "VolumeGeometry"]
+
+
+@dataclass(frozen=True)
+class CandidateSeries:
+    """One series found in the input folder, and why it cannot be contoured."""
+
+    series_instance_uid: str
+    files: int
+    rejected: str  # "" = eligible
+
+
+@dataclass(frozen=True)
+class SeriesChoice:
+    """The series contoured, what else was there, and the ranking that chose it."""
+
+    chosen: str  # SeriesInstanceUID
+    files: int
+    candidates: list[CandidateSeries]
+    skipped_files: int  # files that were not readable DICOM
+    ranking: list[str]
+
+
+@dataclass(frozen=True)
+class VolumeGeometry:
+    """The CT volume's grid: shape, spacing and the index -> LPS affine."""
+
+    shape_kji: list[int]
+    spacing_kji_mm: list[float]
+    affine: list[list[float]]
+    frame_of_reference_uid: str
+    study_instance_uid: str
+
+
+@dataclass(frozen=True)
+class ModelUsed:
+    """A model that ran, and on which backend."""
+
+    name: str
+    version: str
+    onnx_sha256: str
+    backend: str
+    labels: list[str]
+
+
+@dataclass(frozen=True)
+class OutputFile:
+    """A DICOM object the run wrote (its file name in OUTPUT and its series)."""
+
+    file: str
+    series_instance_uid: str
 
 
 @dataclass
@@ -19,9 +77,14 @@ class RunRecord:
     staging_path: Path
     started: float = field(default_factory=time.perf_counter)
     seconds: dict[str, float] = field(default_factory=dict)
-    info: dict = field(default_factory=dict)
+    graph_workers: int = 1
+    models: list[ModelUsed] = field(default_factory=list)
+    series: SeriesChoice | None = None
+    volume: VolumeGeometry | None = None
+    seg: OutputFile | None = None
+    rtstruct: OutputFile | None = None
     staged_files: dict[str, Path] = field(default_factory=dict)  # final name -> staged path
-    gpu_monitor: object | None = None  # autocontour.backends.GpuMonitor while a GPU backend runs
+    gpu_monitor: GpuMonitor | None = None  # sampling while a GPU backend runs
 
     @contextmanager
     def stage(self, name: str):

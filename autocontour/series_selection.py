@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import logging
 import os
-from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -18,12 +17,14 @@ import pydicom
 import yaml
 from pydicom.errors import InvalidDicomError
 from pydicom.multival import MultiValue
+from pydicom.uid import CTImageStorage
 
-from autocontour.errors import InputError, SeriesSelectionError
+from autocontour.errors import ConfigurationError, InputError, SeriesSelectionError
+from autocontour.volume import AXIS_ALIGNMENT_TOLERANCE
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["SelectionRules", "SeriesCandidate", "Selection", "scan_folder", "select_series", "DEFAULT_RULES_PATH"]
+__all__ = ["SelectionRules", "SeriesCandidate", "scan_folder", "select_series", "DEFAULT_RULES_PATH"]
 
 DEFAULT_RULES_PATH = Path(__file__).resolve().parent.parent / "config" / "series_selection.yaml"
 
@@ -31,32 +32,92 @@ DEFAULT_RULES_PATH = Path(__file__).resolve().parent.parent / "config" / "series
 @dataclass(frozen=True)
 class SelectionRules:
     modality: str = "CT"
-    sop_class_uids: tuple[str, ...] = ("1.2.840.10008.5.1.4.1.1.2",)
+    sop_class_uids: tuple[str, ...] = (str(CTImageStorage),)
     min_slices: int = 10
     exclude_image_type: tuple[str, ...] = ("LOCALIZER", "SCOUT", "SCREENSHOT", "PROJECTION")
     require_axial: bool = True
-    axial_tolerance: float = 1e-3
+    axial_tolerance: float = AXIS_ALIGNMENT_TOLERANCE
     ranking: tuple[str, ...] = (
         "original_primary", "most_slices", "thinnest_slices", "newest_series", "series_instance_uid",
     )
 
     @classmethod
     def from_yaml(cls, path: Path = DEFAULT_RULES_PATH) -> "SelectionRules":
-        cfg = yaml.safe_load(Path(path).read_text())
-        f = cfg.get("filters", {})
-        rules = cls(
-            modality=f.get("modality", cls.modality),
-            sop_class_uids=tuple(f.get("sop_class_uids", cls.sop_class_uids)),
-            min_slices=int(f.get("min_slices", cls.min_slices)),
-            exclude_image_type=tuple(t.upper() for t in f.get("exclude_image_type", cls.exclude_image_type)),
-            require_axial=bool(f.get("require_axial", True)),
-            axial_tolerance=float(f.get("axial_tolerance", cls.axial_tolerance)),
-            ranking=tuple(cfg.get("ranking", cls.ranking)),
-        )
+        """The rules in ``path`` (keys left out keep their defaults).
+
+        Raises:
+            ConfigurationError: the file is missing, not YAML, or a key or value is not one
+                the rules know (named in the message).
+        """
+        path = Path(path)
+        fix = f"fix it or restore {DEFAULT_RULES_PATH.parent.name}/{DEFAULT_RULES_PATH.name} from the release"
+        try:
+            cfg = yaml.safe_load(path.read_text())
+        except OSError as exc:
+            raise ConfigurationError(
+                f"series selection rules {path} cannot be read ({exc.strerror or exc}) - pass --rules with the rules "
+                f"file or restore {DEFAULT_RULES_PATH.parent.name}/{DEFAULT_RULES_PATH.name}"
+            ) from None
+        except yaml.YAMLError as exc:
+            where = getattr(exc, "problem_mark", None)
+            at = f" at line {where.line + 1}" if where is not None else ""
+            raise ConfigurationError(f"series selection rules {path} are not valid YAML{at} - {fix}") from None
+        try:
+            if not isinstance(cfg, dict):
+                raise TypeError(f"the file must be a mapping with 'filters' and 'ranking', not {type(cfg).__name__}")
+            f = cfg.get("filters", {})
+            if not isinstance(f, dict):
+                raise TypeError(f"'filters' must be a mapping, not {type(f).__name__}")
+            _known("top-level", cfg, {"filters", "ranking"})
+            _known("filters", f, _FILTER_KEYS)
+            rules = cls(
+                modality=_text(f.get("modality", cls.modality), "filters.modality"),
+                sop_class_uids=_texts(f.get("sop_class_uids", cls.sop_class_uids), "filters.sop_class_uids"),
+                min_slices=int(f.get("min_slices", cls.min_slices)),
+                exclude_image_type=tuple(
+                    t.upper() for t in _texts(f.get("exclude_image_type", cls.exclude_image_type),
+                                              "filters.exclude_image_type")
+                ),
+                require_axial=_flag(f.get("require_axial", True), "filters.require_axial"),
+                axial_tolerance=float(f.get("axial_tolerance", cls.axial_tolerance)),
+                ranking=_texts(cfg.get("ranking", cls.ranking), "ranking"),
+            )
+        except (TypeError, ValueError) as exc:
+            raise ConfigurationError(f"series selection rules {path}: {exc} - {fix}") from None
         unknown = set(rules.ranking) - set(_RANK_KEYS)
         if unknown:
-            raise ValueError(f"{path}: unknown ranking keys {sorted(unknown)}; valid: {sorted(_RANK_KEYS)}")
+            raise ConfigurationError(
+                f"series selection rules {path}: unknown ranking keys {sorted(unknown)}; valid: {sorted(_RANK_KEYS)} - "
+                f"{fix}"
+            )
         return rules
+
+
+_FILTER_KEYS = {"modality", "sop_class_uids", "min_slices", "exclude_image_type", "require_axial", "axial_tolerance"}
+
+
+def _known(where: str, mapping: dict, keys: set[str]) -> None:
+    unknown = set(map(str, mapping)) - keys
+    if unknown:
+        raise ValueError(f"unknown {where} keys {sorted(unknown)}; valid: {sorted(keys)}")
+
+
+def _text(value: object, key: str) -> str:
+    if not isinstance(value, str):
+        raise TypeError(f"{key} must be a string, not {value!r}")
+    return value
+
+
+def _texts(value: object, key: str) -> tuple[str, ...]:
+    if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) for v in value):
+        raise TypeError(f"{key} must be a list of strings, not {value!r}")
+    return tuple(value)
+
+
+def _flag(value: object, key: str) -> bool:
+    if not isinstance(value, bool):
+        raise TypeError(f"{key} must be true or false, not {value!r}")
+    return value
 
 
 @dataclass
@@ -76,14 +137,6 @@ class SeriesCandidate:
             f"{self.series_instance_uid} ({getattr(ds, 'Modality', '?')}, {len(self.datasets)} files, "
             f"'{getattr(ds, 'SeriesDescription', '')}', ImageType {'/'.join(_image_type(ds))})"
         )
-
-
-@dataclass
-class Selection:
-    chosen: SeriesCandidate
-    reason: str
-    candidates: list[SeriesCandidate]
-    skipped_files: list[tuple[str, str]]  # (path, why)
 
 
 def scan_folder(folder: Path) -> tuple[list[SeriesCandidate], list[tuple[str, str]]]:

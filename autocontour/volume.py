@@ -23,10 +23,13 @@ import numpy as np
 
 from autocontour.errors import GeometryError
 
-__all__ = ["Volume", "CanonicalView", "to_canonical"]
+__all__ = ["Volume", "CanonicalView", "to_canonical", "AXIS_ALIGNMENT_TOLERANCE", "BODY_HU"]
 
-# A direction cosine farther than this from an axis makes the series oblique (rejected).
+# A direction cosine farther than this from an axis makes the series oblique (rejected);
+# also the series selection's default axial tolerance and the RTSTRUCT writer's axial check.
 AXIS_ALIGNMENT_TOLERANCE = 1e-3
+# HU above which a voxel is patient (or couch), not air: the inference crop and the midline.
+BODY_HU = -400.0
 
 
 @dataclass
@@ -44,8 +47,6 @@ class Volume:
     frame_of_reference_uid: str = ""
     sop_instance_uids: tuple[str, ...] = ()
     datasets: list = field(default_factory=list, repr=False)
-    # derived arrays shared by operators (e.g. the model-grid image both models use)
-    cache: dict = field(default_factory=dict, repr=False, compare=False)
 
     @property
     def spacing(self) -> np.ndarray:

@@ -3,7 +3,7 @@
     python bench/profile_stages.py [-i CT] [-m models] [--repeats 3] [--profile STAGE]
 
 The same functions the operators call (``scan_folder``/``select_series``, ``build_volume``,
-``segment`` per model, ``postprocess``, ``build_seg``, ``build_rtstruct``,
+``Segmenter.predict`` per model, ``postprocess``, ``build_seg``, ``build_rtstruct``,
 ``write_dataset``), without Holoscan, each repeated ``--repeats`` times on the same input;
 the table shows the fastest run of each (the machine's noise only adds time), in wall
 and in CPU seconds (all threads of the process; steadier on a busy machine).  The first
@@ -38,18 +38,18 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING)
 
     t0 = time.perf_counter()
-    from autocontour.backends import select_backend
     from autocontour.ct_volume import build_volume
     from autocontour.dicom_seg import build_seg
-    from autocontour.inference import segment
     from autocontour.model_config import load_models
     from autocontour.postprocess import postprocess
-    from autocontour.rtstruct import build_rtstruct, write_dataset
+    from autocontour.segmenter import open_segmenters
+    from autocontour.dicom_elements import write_dataset
+    from autocontour.rtstruct import build_rtstruct
     from autocontour.series_selection import SelectionRules, scan_folder, select_series
     from autocontour.structures import STRUCTURES
 
     print(f"imports {time.perf_counter() - t0:.3f} s")
-    models = [(m, select_backend(m, "cpu")[0]) for m in load_models(args.models)]
+    segmenters = open_segmenters(load_models(args.models), "cpu")
     rules = SelectionRules.from_yaml(ROOT / "config" / "series_selection.yaml")
     out = Path(tempfile.mkdtemp(prefix="profile-stages-"))
     kw = dict(algorithm_name="profile", algorithm_version="0", series_description="profile")
@@ -61,10 +61,10 @@ def main(argv: list[str] | None = None) -> int:
     def convert():
         state["volume"] = build_volume(state["series"])
 
-    def infer(model, backend):
+    def infer(segmenter):
         def run():
-            state["volume"].cache.clear()  # the shared model-grid image is part of the cost
-            state.setdefault("masks", {}).update(segment(state["volume"], model, backend))
+            segmenter.grid_cache.clear()  # the shared model-grid image is part of the cost
+            state.setdefault("masks", {}).update(segmenter.predict(state["volume"]))
         return run
 
     def post():
@@ -78,7 +78,7 @@ def main(argv: list[str] | None = None) -> int:
         state["rts"] = build_rtstruct(state["volume"], {n: r.mask for n, r in state["results"].items()}, **kw)
 
     stages = [("select", select), ("convert", convert)]
-    stages += [(f"inference_{m.name}", infer(m, b)) for m, b in models]
+    stages += [(f"inference_{s.name}", infer(s)) for s in segmenters]
     stages += [
         ("postprocess", post),
         ("build_seg", seg), ("write_seg", lambda: write_dataset(state["seg"], out / "seg.dcm")),

@@ -17,7 +17,7 @@ What it measures (details and caveats: docs/benchmark.md):
   MonaiSegInferenceOperator on each model.ts, DICOM-SEG writer), same measurements, in this
   venv (it needs torch + MONAI core + nibabel).
 * ``inference``: each model's ONNX Runtime session on its model-grid crop in a fresh
-  process (``autocontour.inference.segment`` with ``sliding_window`` and the session timed),
+  process (``Segmenter.predict`` with ``sliding_window`` and the session timed),
   so the "< 5 s for both models" figure is measured apart from I/O and start-up.
 * ``agreement``: Dice between our SEG and the stock SEGs of the last run (same structures),
   a check that both pipelines computed the same thing on the same geometry.
@@ -228,9 +228,9 @@ def child_inference(args: argparse.Namespace) -> dict:
     """ONNX Runtime alone on each model's crop (run in a fresh process by the driver)."""
     os.environ.setdefault("ORT_DISABLE_TELEMETRY", "1")  # as app.py
     import autocontour.inference as inf
-    from autocontour.backends import select_backend
     from autocontour.ct_volume import build_volume
     from autocontour.model_config import load_models
+    from autocontour.segmenter import ModelGridCache, Segmenter
     from autocontour.series_selection import SelectionRules, scan_folder, select_series
 
     t = time.perf_counter()
@@ -250,10 +250,12 @@ def child_inference(args: argparse.Namespace) -> dict:
     inf.sliding_window = timed_sliding_window
     result = {"volume_shape_kji": list(volume.array.shape), "load_and_convert_s": round(load_s, 3),
               "threads": os.cpu_count(), "models": {}}
+    grid_cache = ModelGridCache()  # shared by the models, as in the app
     with tempfile.TemporaryDirectory() as work:
         for model in load_models(args.models):
             t = time.perf_counter()
-            backend, _ = select_backend(model, args.infer_backend, work)
+            segmenter = Segmenter.open(model, args.infer_backend, work, grid_cache)
+            backend = segmenter.backend
             session_s = time.perf_counter() - t
             run_predict = backend.predict
             calls = {"n": 0, "windows": 0, "s": 0.0}
@@ -271,7 +273,7 @@ def child_inference(args: argparse.Namespace) -> dict:
             for _ in range(args.infer_repeats):
                 calls.update(n=0, windows=0, s=0.0)
                 t = time.perf_counter()
-                inf.segment(volume, model, backend)
+                segmenter.predict(volume)
                 reps.append({"segment_s": time.perf_counter() - t, "sliding_window_s": stats["sliding_window_s"],
                              "ort_run_s": calls["s"], "ort_calls": calls["n"], "windows": calls["windows"]})
             med = {k: round(statistics.median(r[k] for r in reps), 3)
@@ -299,7 +301,7 @@ def child_agreement(args: argparse.Namespace) -> dict:
     import pydicom
 
     from autocontour.ct_volume import build_volume
-    from autocontour.dicom_seg import read_seg_masks
+    from autocontour.readback import read_seg_masks
     from autocontour.series_selection import SelectionRules, scan_folder, select_series
 
     cands, _ = scan_folder(args.input)

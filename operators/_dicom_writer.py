@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from monai.deploy.core import Fragment, Operator, OperatorSpec
 
-from autocontour.rtstruct import write_dataset
-from autocontour.run_record import RunRecord
+from autocontour.dicom_elements import write_dataset
+from autocontour.run_record import OutputFile, RunRecord
 from operators._ports import PYOBJECT
 
 
@@ -29,6 +29,10 @@ class DicomWriterOperator(Operator):
         self.series_description = series_description
         super().__init__(fragment, *args, **kwargs)
 
+    def record_output(self, output: OutputFile) -> None:
+        """Set this writer's field of the run record (report.json's ``outputs``)."""
+        raise NotImplementedError
+
     def setup(self, spec: OperatorSpec):
         spec.input(self.IN_VOLUME)
         spec.input(self.IN_STRUCTURES)
@@ -46,5 +50,5 @@ class DicomWriterOperator(Operator):
             path = self.record.staging_path / name
             write_dataset(ds, path)
         self.record.staged_files[name] = path
-        self.record.info[self.SUFFIX.lower()] = {"file": name, "series_instance_uid": str(ds.SeriesInstanceUID)}
+        self.record_output(OutputFile(file=name, series_instance_uid=str(ds.SeriesInstanceUID)))
         op_output.emit(str(path), self.OUT_DONE, PYOBJECT)

@@ -6,7 +6,7 @@ from operators._ports import PYOBJECT
 from monai.deploy.core import Fragment, Operator, OperatorSpec
 
 from autocontour.ct_volume import build_volume
-from autocontour.run_record import RunRecord
+from autocontour.run_record import RunRecord, VolumeGeometry
 
 
 class CTVolumeOperator(Operator):
@@ -27,11 +27,11 @@ class CTVolumeOperator(Operator):
         series = op_input.receive(self.IN_SERIES)
         with self.record.stage("convert"):
             volume = build_volume(series)
-        self.record.info["volume"] = {
-            "shape_kji": list(volume.array.shape),
-            "spacing_kji_mm": [round(float(s), 4) for s in volume.spacing],
-            "affine": [[round(float(v), 5) for v in row] for row in volume.affine],
-            "frame_of_reference_uid": volume.frame_of_reference_uid,
-            "study_instance_uid": volume.study_instance_uid,
-        }
+        self.record.volume = VolumeGeometry(
+            shape_kji=list(volume.array.shape),
+            spacing_kji_mm=[round(float(s), 4) for s in volume.spacing],
+            affine=[[round(float(v), 5) for v in row] for row in volume.affine],
+            frame_of_reference_uid=volume.frame_of_reference_uid,
+            study_instance_uid=volume.study_instance_uid,
+        )
         op_output.emit(volume, self.OUT_VOLUME, PYOBJECT)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from autocontour.dicom_seg import build_seg
+from autocontour.run_record import OutputFile
 from operators._dicom_writer import DicomWriterOperator
 
 
@@ -13,3 +14,6 @@ class DicomSegWriterOperator(DicomWriterOperator):
     STAGE = "write_seg"
     SUFFIX = "SEG"
     BUILDER = staticmethod(build_seg)
+
+    def record_output(self, output: OutputFile) -> None:
+        self.record.seg = output

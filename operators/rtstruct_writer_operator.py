@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from autocontour.rtstruct import build_rtstruct
+from autocontour.run_record import OutputFile
 from operators._dicom_writer import DicomWriterOperator
 
 
@@ -13,3 +14,6 @@ class RtstructWriterOperator(DicomWriterOperator):
     STAGE = "write_rtstruct"
     SUFFIX = "RTSTRUCT"
     BUILDER = staticmethod(build_rtstruct)
+
+    def record_output(self, output: OutputFile) -> None:
+        self.record.rtstruct = output

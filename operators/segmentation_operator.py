@@ -5,21 +5,18 @@ from __future__ import annotations
 from operators._ports import PYOBJECT
 from monai.deploy.core import Fragment, Operator, OperatorSpec
 
-from autocontour.backends import Backend
-from autocontour.inference import segment
-from autocontour.model_config import ModelConfig
 from autocontour.run_record import RunRecord
+from autocontour.segmenter import Segmenter
 
 
 class SegmentationOperator(Operator):
-    """Runs a model loaded once at start-up (``backend``) on each volume it receives."""
+    """Runs a model opened once at start-up (``segmenter``) on each volume it receives."""
 
     IN_VOLUME = "volume"
     OUT_MASKS = "masks"
 
-    def __init__(self, fragment: Fragment, *args, model: ModelConfig, backend: Backend, record: RunRecord, **kwargs):
-        self.model = model
-        self.backend = backend
+    def __init__(self, fragment: Fragment, *args, segmenter: Segmenter, record: RunRecord, **kwargs):
+        self.segmenter = segmenter
         self.record = record
         super().__init__(fragment, *args, **kwargs)
 
@@ -29,6 +26,6 @@ class SegmentationOperator(Operator):
 
     def compute(self, op_input, op_output, context):
         volume = op_input.receive(self.IN_VOLUME)
-        with self.record.stage(f"inference_{self.model.name}"):
-            masks = segment(volume, self.model, self.backend)
+        with self.record.stage(f"inference_{self.segmenter.name}"):
+            masks = self.segmenter.predict(volume)
         op_output.emit(masks, self.OUT_MASKS, PYOBJECT)

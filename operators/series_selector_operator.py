@@ -8,7 +8,7 @@ from pathlib import Path
 from operators._ports import PYOBJECT
 from monai.deploy.core import Fragment, Operator, OperatorSpec
 
-from autocontour.run_record import RunRecord
+from autocontour.run_record import CandidateSeries, RunRecord, SeriesChoice
 from autocontour.series_selection import SelectionRules, scan_folder, select_series
 
 logger = logging.getLogger(__name__)
@@ -38,14 +38,11 @@ class SeriesSelectorOperator(Operator):
             candidates, skipped = scan_folder(self.input_folder)
         with self.record.stage("select"):
             chosen = select_series(candidates, self.rules, self.input_folder)
-        self.record.info["series"] = {
-            "chosen": chosen.series_instance_uid,
-            "files": len(chosen.datasets),
-            "candidates": [
-                {"series_instance_uid": c.series_instance_uid, "files": len(c.datasets), "rejected": c.rejected}
-                for c in candidates
-            ],
-            "skipped_files": len(skipped),
-            "ranking": list(self.rules.ranking),
-        }
+        self.record.series = SeriesChoice(
+            chosen=chosen.series_instance_uid,
+            files=len(chosen.datasets),
+            candidates=[CandidateSeries(c.series_instance_uid, len(c.datasets), c.rejected) for c in candidates],
+            skipped_files=len(skipped),
+            ranking=list(self.rules.ranking),
+        )
         op_output.emit(chosen, self.OUT_SERIES, PYOBJECT)

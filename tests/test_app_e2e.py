@@ -12,8 +12,7 @@ import numpy as np
 import pydicom
 import pytest
 
-from autocontour.dicom_seg import read_seg_masks
-from autocontour.rtstruct import rasterise_rtstruct
+from autocontour.readback import rasterise_rtstruct, read_seg_masks
 from autocontour.series_selection import SelectionRules, scan_folder, select_series
 from autocontour.ct_volume import build_volume
 

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import numpy as np
 import pytest
 
 from autocontour import backends
-from autocontour.backends import BackendUnavailable, GpuInfo, select_backend, trt_cache_dir
+from autocontour.backends import BackendUnavailable, select_backend, trt_cache_dir
 from autocontour.errors import ModelError
+from autocontour.gpu import GpuInfo
 from autocontour.model_config import ModelConfig
 
 MODEL = ModelConfig("m", "1", Path("."), "x.onnx", "ab" * 32, "sigmoid", ("PTV_High",), (3.0, 4.0, 4.0),
@@ -93,11 +93,6 @@ def test_forced_gpu_backend_without_gpu_fails_clearly():
         select_backend(MODEL, "tensorrt", gpu_probe=lambda: (None, "no driver"))
 
 
-def test_real_probe_on_this_machine_does_not_crash():
-    gpu, why = backends.probe_gpu()
-    assert (gpu is None) == bool(why)
-
-
 @pytest.mark.parametrize(
     "change, same",
     [({}, True), ({"sha": "cd" * 32}, False), ({"gpu": "NVIDIA H200"}, False), ({"trt": "10.4.0"}, False)],
@@ -136,11 +131,6 @@ def test_tensorrt_factory_configures_fp16_and_the_keyed_cache(monkeypatch, tmp_p
     assert seen["providers"][1] == "CUDAExecutionProvider"  # fallback inside the session
 
 
-def test_fake_backend_shapes():
-    b = backends.FakeBackend(MODEL)
-    assert b.predict(np.zeros((2, 1, 4, 4, 4), np.float32)).shape == (2, 1, 4, 4, 4)
-
-
 def test_cpu_session_threads_do_not_spin(tmp_path):
     """Both model branches run at once on the graph's workers: ONNX Runtime's intra-op
     threads must sleep, not busy-wait, between kernels."""
@@ -155,97 +145,6 @@ def test_cpu_session_threads_do_not_spin(tmp_path):
     assert opts.intra_op_num_threads >= 1
 
 
-class FakeNvml:
-    """pynvml's calls used by GpuMonitor, with a scripted memory/utilisation sequence."""
-
-    def __init__(self, used_mb, util, fail_init=False):
-        self.used_mb, self.util, self.fail_init = list(used_mb), list(util), fail_init
-        self.calls = 0
-        self.shut_down = False
-
-    def nvmlInit(self):
-        if self.fail_init:
-            raise RuntimeError("NVML Shared Library Not Found")
-
-    def nvmlDeviceGetHandleByIndex(self, index):
-        return index
-
-    def nvmlDeviceGetName(self, handle):
-        return b"NVIDIA H200"
-
-    def nvmlDeviceGetMemoryInfo(self, handle):
-        used = self.used_mb[min(self.calls, len(self.used_mb) - 1)]
-        return type("Mem", (), {"used": used * 2**20, "total": 143771 * 2**20})()
-
-    def nvmlDeviceGetUtilizationRates(self, handle):
-        util = self.util[min(self.calls, len(self.util) - 1)]
-        self.calls += 1
-        return type("Util", (), {"gpu": util})()
-
-    def nvmlShutdown(self):
-        self.shut_down = True
-
-    def nvmlDeviceGetComputeRunningProcesses(self, handle):
-        import os
-
-        mb = self.used_mb[min(self.calls, len(self.used_mb) - 1)] // 2
-        proc = type("Proc", (), {"pid": os.getpid(), "usedGpuMemory": mb * 2**20})()
-        other = type("Proc", (), {"pid": -1, "usedGpuMemory": 10**12})()
-        return [other, proc]
-
-
-def test_gpu_monitor_records_peak_memory_and_utilisation():
-    nvml = FakeNvml(used_mb=[500, 2500, 4100, 3000, 900], util=[0, 80, 100, 60, 0])
-    monitor = backends.GpuMonitor.start(interval_s=0.01, nvml=nvml)
-    assert monitor is not None
-    import time
-
-    deadline = time.monotonic() + 5
-    while nvml.calls < 5 and time.monotonic() < deadline:
-        time.sleep(0.01)
-    monitor.stop()
-    summary = monitor.summary()
-    assert summary["name"] == "NVIDIA H200"
-    assert summary["peak_memory_used_mb"] == 4100.0
-    assert summary["peak_process_memory_mb"] == 2050.0  # this process's own, not the other's
-    assert summary["max_utilisation_percent"] == 100
-    assert summary["memory_used_mb"] == 900.0 and summary["utilisation_percent"] == 0  # the last sample
-    assert summary["memory_total_mb"] == 143771.0
-    assert summary["samples"] >= 5
-    assert 0 < summary["mean_utilisation_percent"] < 100
-    assert nvml.shut_down
-    monitor.stop()  # idempotent
-
-
-def test_gpu_monitor_is_none_without_nvml_or_gpu():
-    assert backends.GpuMonitor.start(nvml=FakeNvml([0], [0], fail_init=True)) is None
-    no_gpu = FakeNvml([0], [0])
-
-    def missing(index):
-        raise RuntimeError("Invalid Argument")
-
-    no_gpu.nvmlDeviceGetHandleByIndex = missing
-    assert backends.GpuMonitor.start(nvml=no_gpu) is None
-    assert no_gpu.shut_down
-
-
-def test_report_uses_the_monitor_when_a_gpu_ran(tmp_path, monkeypatch):
-    from autocontour import report
-    from autocontour.report import build_report
-    from autocontour.run_record import RunRecord
-
-    record = RunRecord(tmp_path, tmp_path, tmp_path)
-    monkeypatch.setattr(report, "gpu_snapshot", lambda: {"snapshot": True})
-    assert build_report(record, {})["host"]["gpu"] == {"snapshot": True}  # no monitor: one snapshot
-    monitor = backends.GpuMonitor.start(interval_s=60, nvml=FakeNvml([1234], [7]))
-    record.gpu_monitor = monitor
-    try:
-        gpu = build_report(record, {})["host"]["gpu"]
-    finally:
-        monitor.stop()
-    assert gpu["peak_memory_used_mb"] == 1234.0 and gpu["max_utilisation_percent"] == 7
-
-
 def test_onnx_input_name_of_the_shipped_models():
     from autocontour.model_config import load_models
 
@@ -253,16 +152,3 @@ def test_onnx_input_name_of_the_shipped_models():
     assert {m.name: backends._onnx_input_name(m.onnx_path) for m in models} == {"hn_oar": "image", "hn_target": "image"}
     with pytest.raises(BackendUnavailable, match="could not read"):
         backends._onnx_input_name(Path("/nonexistent/model.onnx"))
-
-
-def test_gpu_snapshot_is_one_sample(monkeypatch):
-    import sys
-
-    nvml = FakeNvml([1500], [42])
-    monkeypatch.setitem(sys.modules, "pynvml", nvml)
-    assert backends.gpu_snapshot() == {
-        "name": "NVIDIA H200", "memory_used_mb": 1500.0, "memory_total_mb": 143771.0, "utilisation_percent": 42,
-    }
-    assert nvml.shut_down
-    monkeypatch.setitem(sys.modules, "pynvml", FakeNvml([0], [0], fail_init=True))
-    assert backends.gpu_snapshot() is None

@@ -430,6 +430,25 @@ def _(d, an):
     return {"input": d / "in", "models": d / "no-models"}
 
 
+# ---- configuration: exit 8
+
+
+@case("rules-file-missing", 8, r"ConfigurationError: series selection rules \S+no-rules\.yaml cannot be read "
+      r"\(No such file or directory\) - pass --rules")
+def _(d, an):
+    write_series(_in(d), an.a, an.spacing, cache=an)
+    return {"input": d / "in", "args": ["--rules", str(d / "no-rules.yaml")]}
+
+
+@case("rules-file-unknown-ranking-key", 8,
+      r"ConfigurationError: series selection rules \S+rules\.yaml: unknown ranking keys \['largest'\]; valid: .+ - "
+      r"fix it or restore config/series_selection\.yaml")
+def _(d, an):
+    write_series(_in(d), an.a, an.spacing, cache=an)
+    (d / "rules.yaml").write_text("ranking: [most_slices, largest]\n")
+    return {"input": d / "in", "args": ["--rules", str(d / "rules.yaml")]}
+
+
 # ---- output: exit 6
 
 
@@ -603,7 +622,7 @@ def batch(tmp_path_factory, anatomy) -> Batch:
         specs[c.name] = spec
         before[c.name] = snapshot(spec["watch"])
         jobs.append({"name": c.name, "argv": ["-i", str(spec["input"]), "-o", str(spec["output"]),
-                                              "-m", str(spec["models"])]})
+                                              "-m", str(spec["models"]), *spec.get("args", [])]})
     (root / "jobs.json").write_text(json.dumps(jobs))
     print(f"built {len(jobs)} cases in {time.perf_counter() - t0:.1f} s", file=sys.stderr)
     (root / "driver.py").write_text(DRIVER)

@@ -40,7 +40,9 @@ import pytest
 from pydicom.dataset import Dataset
 
 from autocontour.dicom_seg import cielab_color
-from autocontour.rtstruct import build_rtstruct, contours_to_mask, rasterise_rtstruct, rtstruct_contours, write_dataset
+from autocontour.dicom_elements import write_dataset
+from autocontour.readback import contours_to_mask, rasterise_rtstruct, rtstruct_contours
+from autocontour.rtstruct import build_rtstruct
 from autocontour.structures import STRUCTURES, StructureDefinition, structure
 from autocontour.volume import Volume
 from test_geometry_matrix import (

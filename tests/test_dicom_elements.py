@@ -10,8 +10,7 @@ import pytest
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian
 
-from autocontour.dicom_elements import format_ds_array, put_text, put_uint
-from autocontour.rtstruct import format_ds
+from autocontour.dicom_elements import format_ds, format_ds_array, put_text, put_uint
 
 
 def _round_trip(ds: Dataset) -> Dataset:

@@ -18,7 +18,8 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 if str(REPO_ROOT) not in sys.path:  # the repository has no installed package or conftest
     sys.path.insert(0, str(REPO_ROOT))
 
-from autocontour.dicom_seg import CONTENT_LABEL, build_seg, cielab_color, read_seg_masks
+from autocontour.dicom_seg import CONTENT_LABEL, build_seg, cielab_color
+from autocontour.readback import read_seg_masks
 from autocontour.structures import STRUCTURES, structure
 from autocontour.volume import Volume
 
@@ -368,7 +369,7 @@ def test_patient_study_keywords_match_highdicoms_tables() -> None:
     """The writer's copy list is what highdicom derives from the standard for the CT Image IOD."""
     from highdicom._standard_utils import get_iod_module_map, get_module_attribute_map, get_sop_class_iod_map
 
-    from autocontour.dicom_seg import _PATIENT_STUDY_KEYWORDS
+    from autocontour.dicom_elements import PATIENT_STUDY_KEYWORDS
 
     iod = get_sop_class_iod_map()[CTImageStorage]
     modules = get_module_attribute_map()
@@ -376,7 +377,7 @@ def test_patient_study_keywords_match_highdicoms_tables() -> None:
         a["keyword"] for m in get_iod_module_map()[iod] if m["ie"] in ("Patient", "Study")
         for a in modules[m["key"]] if not a["path"]
     ]
-    assert list(_PATIENT_STUDY_KEYWORDS) == expected
+    assert list(PATIENT_STUDY_KEYWORDS) == expected
 
 
 def test_series_and_content_attributes(written) -> None:
@@ -516,6 +517,15 @@ def test_rejects_bad_input() -> None:
         _build(volume, {})
 
 
+@pytest.mark.parametrize("key", ["series_description", "algorithm_name", "algorithm_version"])
+def test_over_long_text_is_refused_not_cut(key) -> None:
+    """As the RTSTRUCT writer: a Long String over 64 characters is an error naming it."""
+    volume = _volume(ORIENTATIONS["HFS"])
+    args = dict(algorithm_name="autocontour-test", algorithm_version="1.2.3", series_description="AI contours (test)")
+    with pytest.raises(ValueError, match=f"{key.replace('_', ' ')} 'xxx+' is longer than 64 characters"):
+        build_seg(volume, _masks(), **{**args, key: "x" * 65})
+
+
 def test_refuses_a_ct_without_frame_of_reference() -> None:
     from autocontour.errors import GeometryError
 
@@ -528,10 +538,13 @@ def test_refuses_a_ct_without_frame_of_reference() -> None:
 
 
 def test_reader_refuses_other_frame_of_reference() -> None:
+    """The same fault as in the RTSTRUCT reader, the same error (GeometryError)."""
+    from autocontour.errors import GeometryError
+
     volume = _volume(ORIENTATIONS["HFS"])
     seg = _build(volume, {"PTV_High": _masks()["PTV_High"]})
     other = _volume(ORIENTATIONS["HFS"])
-    with pytest.raises(ValueError, match="frame of reference"):
+    with pytest.raises(GeometryError, match="frame of reference"):
         read_seg_masks(seg, other)
     with pytest.raises(ValueError, match="not a DICOM Segmentation"):
         read_seg_masks(volume.datasets[0], volume)

@@ -43,13 +43,14 @@ from scipy import ndimage
 
 from app import SERIES_DESCRIPTION
 from autocontour import APP_NAME, __version__
-from autocontour.backends import select_backend
 from autocontour.ct_volume import build_volume
-from autocontour.dicom_seg import build_seg, read_seg_masks
-from autocontour.inference import segment
+from autocontour.dicom_elements import write_dataset
+from autocontour.dicom_seg import build_seg
 from autocontour.model_config import load_models
 from autocontour.postprocess import StructureResult, postprocess
-from autocontour.rtstruct import build_rtstruct, rasterise_rtstruct, write_dataset
+from autocontour.readback import rasterise_rtstruct, read_seg_masks
+from autocontour.rtstruct import build_rtstruct
+from autocontour.segmenter import Segmenter, open_segmenters
 from autocontour.series_selection import SelectionRules, scan_folder, select_series
 from autocontour.structures import STRUCTURES
 from autocontour.volume import Volume, to_canonical
@@ -96,14 +97,14 @@ def models_dir_or_skip() -> Path:
     return folder
 
 
-def load_pipeline(models_dir: Path) -> list:
+def load_pipeline(models_dir: Path) -> list[Segmenter]:
     """Every model opened once on the CPU backend, as the app does at start-up."""
-    return [(m, select_backend(m, "cpu")[0]) for m in load_models(models_dir)]
+    return open_segmenters(load_models(models_dir), "cpu")
 
 
-def app_writer_args(loaded: list) -> dict:
+def app_writer_args(loaded: list[Segmenter]) -> dict:
     """The writers' arguments exactly as app.py passes them to both writer operators."""
-    version = f"{__version__} (" + ", ".join(f"{m.name} {m.version}" for m, _ in loaded) + ")"
+    version = f"{__version__} (" + ", ".join(f"{s.model.name} {s.model.version}" for s in loaded) + ")"
     return dict(algorithm_name=APP_NAME, algorithm_version=version, series_description=SERIES_DESCRIPTION)
 
 
@@ -124,12 +125,12 @@ class PipelineResult:
     seg_masks: dict[str, np.ndarray]
 
 
-def run_pipeline(ct_dir: Path, loaded: list, out_dir: Path) -> PipelineResult:
+def run_pipeline(ct_dir: Path, loaded: list[Segmenter], out_dir: Path) -> PipelineResult:
     """The app's graph, in-process: select, convert, segment, postprocess, write, read back."""
     volume = load_volume(ct_dir)
     raw: dict[str, np.ndarray] = {}
-    for model, backend in loaded:
-        raw.update(segment(volume, model, backend))
+    for segmenter in loaded:
+        raw.update(segmenter.predict(volume))
     order = [s.name for s in STRUCTURES if s.name in raw]  # as PostprocessOperator merges
     results = postprocess(volume, {n: raw[n] for n in order})
     masks = {n: r.mask for n, r in results.items()}

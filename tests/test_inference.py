@@ -7,13 +7,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from autocontour.backends import FakeBackend
+from fakes import FakeBackend
 from scipy import ndimage
 
 from autocontour.inference import (
-    _merge_boxes, body_box, masks_on_patient_grid, resample_linear, segment, sliding_window, to_model_grid,
+    _merge_boxes, body_box, masks_on_patient_grid, resample_linear, sliding_window, to_model_grid,
 )
 from autocontour.model_config import ModelConfig
+from autocontour.segmenter import Segmenter
 from autocontour.volume import Volume
 
 ORIENTATIONS = {
@@ -91,7 +92,7 @@ def test_segment_returns_the_structure_where_the_model_saw_it(position):
     lo, hi = model().window_hu
     half_way = (-400 - lo) / (hi - lo)  # between air and water, inside the window: the ball's edge
     backend = FakeBackend(model(), lambda x: (20.0 * (x - half_way)).astype(np.float32))
-    masks = segment(vol, model(), backend)
+    masks = Segmenter(model(), backend).predict(vol)
     mask = masks["PTV_High"]
     truth = vol.array > -500
     dice = 2 * (mask & truth).sum() / (mask.sum() + truth.sum())
@@ -109,14 +110,14 @@ def test_softmax_labels_are_mutually_exclusive():
         bg = np.zeros_like(x)
         return np.concatenate([bg, 10 * (x - 0.2), 12 * (x - 0.2)], 1).astype(np.float32)
 
-    masks = segment(vol, model("softmax", labels), FakeBackend(model("softmax", labels), fn))
+    masks = Segmenter(model("softmax", labels), FakeBackend(model("softmax", labels), fn)).predict(vol)
     assert not (masks["Brainstem"] & masks["SpinalCord"]).any()
     assert masks["SpinalCord"].sum() > 0
 
 
 def test_nothing_found_gives_empty_masks():
     vol = volume_with_ball("HFS")
-    masks = segment(vol, model(), FakeBackend(model(), lambda x: np.full_like(x, -10.0)))
+    masks = Segmenter(model(), FakeBackend(model(), lambda x: np.full_like(x, -10.0))).predict(vol)
     assert masks["PTV_High"].shape == vol.array.shape and not masks["PTV_High"].any()
 
 

@@ -30,20 +30,17 @@ if str(REPO_ROOT) not in sys.path:  # the repository has no installed package or
     sys.path.insert(0, str(REPO_ROOT))
 
 from autocontour.errors import GeometryError, OutputError  # noqa: E402
+from autocontour.dicom_elements import format_ds, write_dataset  # noqa: E402
+from autocontour.readback import contours_to_mask, rasterise_rtstruct, rtstruct_contours  # noqa: E402
 from autocontour.rtstruct import (  # noqa: E402
-    CT_IMAGE_STORAGE,
     DETACHED_STUDY_MANAGEMENT,
     RT_STRUCTURE_SET_STORAGE,
     build_rtstruct,
-    contours_to_mask,
-    format_ds,
     mask_to_contours,
-    rasterise_rtstruct,
-    rtstruct_contours,
-    write_dataset,
 )
 from autocontour.structures import StructureDefinition, structure  # noqa: E402
 from autocontour.volume import Volume  # noqa: E402
+from pydicom.uid import CTImageStorage  # noqa: E402
 
 SHAPE = (8, 40, 44)  # slices, rows, columns (rows != columns to catch swaps)
 SLICE_STEP, ROW_SPACING, COL_SPACING = 2.5, 1.2, 0.9
@@ -82,7 +79,7 @@ def make_volume(iop=ORIENTATIONS["HFS"], sign: int = 1, shape=SHAPE) -> Volume:
     for k in range(shape[0]):
         ds = Dataset()
         ds.SpecificCharacterSet = "ISO_IR 100"
-        ds.SOPClassUID = CT_IMAGE_STORAGE
+        ds.SOPClassUID = CTImageStorage
         ds.SOPInstanceUID = generate_uid()
         ds.PatientName = "Müller^Jürgen"
         ds.PatientID = "HN-0042"
@@ -334,7 +331,7 @@ def test_contour_items(hfs):
             points = contour_points(item)
             assert len(points) >= 3 and int(item.NumberOfContourPoints) == len(points)
             (ref,) = item.ContourImageSequence
-            assert ref.ReferencedSOPClassUID == CT_IMAGE_STORAGE
+            assert ref.ReferencedSOPClassUID == CTImageStorage
             assert ref.ReferencedSOPInstanceUID in z_of
             assert (points[:, 2] == z_of[ref.ReferencedSOPInstanceUID]).all()  # exactly the slice's z
     assert n_items > 10
@@ -391,7 +388,8 @@ def test_missing_type2_attributes_are_empty_and_charset_falls_back():
         del ct.AccessionNumber, ct.StudyDescription, ct.PatientBirthDate
     args = {**WRITE_ARGS, "series_description": "Vorschlag → prüfen"}
     ds = build_rtstruct(volume, {"Brainstem": make_masks()["Brainstem"]}, **args)
-    assert ds.AccessionNumber == "" and ds.PatientBirthDate == ""
+    for keyword in ("AccessionNumber", "PatientBirthDate"):  # type 2: present, empty
+        assert keyword in ds and not ds[keyword].value
     assert "StudyDescription" not in ds  # type 3: not invented
     assert ds.SpecificCharacterSet == "ISO_IR 192"  # the arrow is not Latin-1
 
@@ -406,7 +404,7 @@ def test_referenced_frame_of_reference_lists_every_slice(hfs):
     (series,) = study.RTReferencedSeriesSequence
     assert series.SeriesInstanceUID == volume.series_instance_uid
     refs = [(i.ReferencedSOPClassUID, i.ReferencedSOPInstanceUID) for i in series.ContourImageSequence]
-    assert refs == [(CT_IMAGE_STORAGE, uid) for uid in volume.sop_instance_uids]
+    assert refs == [(CTImageStorage, uid) for uid in volume.sop_instance_uids]
 
 
 def test_roi_sequences(hfs):
@@ -455,6 +453,17 @@ def test_invalid_input_is_refused():
     volume.frame_of_reference_uid = ""
     with pytest.raises(GeometryError, match="FrameOfReferenceUID"):
         build_rtstruct(volume, {"Brainstem": masks["Brainstem"]}, **WRITE_ARGS)
+
+
+@pytest.mark.parametrize("key", ["series_description", "algorithm_name", "algorithm_version"])
+def test_over_long_text_is_refused_not_cut(key):
+    """As the SEG writer: a Long String over 64 characters is an error naming it, never cut."""
+    volume, masks = make_volume(), make_masks()
+    with pytest.raises(ValueError, match=f"{key.replace('_', ' ')} 'xxx+' is longer than 64 characters"):
+        build_rtstruct(volume, {"Brainstem": masks["Brainstem"]}, **{**WRITE_ARGS, key: "x" * 65})
+    with pytest.raises(ValueError, match="algorithm name and version .* is longer than 64"):
+        build_rtstruct(volume, {"Brainstem": masks["Brainstem"]},
+                       **{**WRITE_ARGS, "algorithm_name": "n" * 32, "algorithm_version": "v" * 32})
 
 
 def test_reader_reports_contours_off_the_volume(hfs):

@@ -7,8 +7,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from autocontour.inference import mirror_permutation, mirrored, segment
+from autocontour.inference import mirror_permutation, mirrored
 from autocontour.model_config import ModelConfig
+from autocontour.segmenter import Segmenter
 from autocontour.structures import mirror_partner
 from tests.test_inference import volume_with_ball
 
@@ -82,8 +83,8 @@ def test_segment_with_mirroring_keeps_the_structure_in_place(position):
         def predict(self, x):
             return (20.0 * (x - half_way)).astype(np.float32)
 
-    a = segment(vol, m, Fake())["PTV_High"]
-    b = segment(vol, m, Fake(), mirror=True)["PTV_High"]
+    a = Segmenter(m, Fake()).predict(vol)["PTV_High"]
+    b = Segmenter(m, Fake(), mirror=True).predict(vol)["PTV_High"]
     assert np.array_equal(a, b)
     centroid = vol.index_to_lps(np.argwhere(b).mean(0)[None])[0]
     np.testing.assert_allclose(centroid, (10.0, -20.0, 30.0), atol=0.3)

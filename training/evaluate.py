@@ -3,7 +3,7 @@
     python -m training.evaluate                      # all 33 validation patients, both models
     python -m training.evaluate --limit 2 --models hn_oar
 
-Runs the app's own inference path (``autocontour.inference.segment`` on the ONNX Runtime
+Runs the app's own inference path (``autocontour.segmenter.Segmenter.predict`` on the ONNX Runtime
 CPU backend), not the training checkpoint.  ``--write`` stores the result in each
 ``models/<name>/model.yaml`` under ``validation``.
 """
@@ -19,9 +19,8 @@ from pathlib import Path
 import numpy as np
 import yaml
 
-from autocontour.backends import select_backend
-from autocontour.inference import segment
 from autocontour.model_config import load_model_config
+from autocontour.segmenter import open_segmenters
 from autocontour.volume import Volume
 from training import metrics
 from training.data import Case, load_openkbp
@@ -91,7 +90,7 @@ def summarise(per: dict[str, list[dict]]) -> dict:
 
 def evaluate(models_dir: Path, names: list[str], data: Path, limit: int | None, mirror: bool = True) -> dict:
     cfgs = [load_model_config(models_dir / n) for n in names]
-    backends = {c.name: select_backend(c, "cpu")[0] for c in cfgs}
+    segmenters = {s.name: s for s in open_segmenters(cfgs, "cpu", mirror=mirror)}
     paths = sorted(data.glob("*.npz"), key=lambda p: int(p.stem.split("_")[-1]))[:limit]
     per: dict[str, dict[str, list[dict]]] = {c.name: {} for c in cfgs}
     seconds: dict[str, list[float]] = {c.name: [] for c in cfgs}
@@ -99,7 +98,7 @@ def evaluate(models_dir: Path, names: list[str], data: Path, limit: int | None, 
         vol, case = case_volume(path)
         for cfg in cfgs:
             t0 = time.perf_counter()
-            masks = segment(vol, cfg, backends[cfg.name], mirror=mirror)
+            masks = segmenters[cfg.name].predict(vol)
             seconds[cfg.name].append(time.perf_counter() - t0)
             yml = yaml.safe_load((cfg.folder / "model.yaml").read_text())
             for label in cfg.labels:

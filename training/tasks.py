@@ -10,6 +10,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from autocontour.model_config import ModelKind
 from training.augment import known_slices
 from training.data import OPENKBP_ROIS, Case
 
@@ -31,7 +32,7 @@ class Task:
 
     @property
     def out_channels(self) -> int:
-        return len(self.outputs) + (1 if self.kind == "softmax" else 0)
+        return ModelKind(self.kind).output_count(len(self.outputs))
 
     @property
     def mirror_pairs(self) -> tuple[tuple[int, int], ...]:

@@ -1,0 +1,141 @@
+"""One segmentation model, opened once and run on every volume it is given.
+
+A ``Segmenter`` holds a model's configuration (``ModelConfig``), its open inference
+backend and the cache of the CT on the model grid.  ``predict(volume)`` is the whole
+model run (``autocontour.inference`` has the steps); ``_logits`` is the one place
+where the network is called over the crop: test-time mirroring (``mirror=True``) is
+there, and so would be other test-time augmentation or an ensemble of networks.
+
+Segmenters opened together (``open_segmenters``) share one ``ModelGridCache``: models
+with the same spacing resample the CT once, even when their graph branches run at the
+same time.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import weakref
+from pathlib import Path
+
+import numpy as np
+
+from autocontour import inference
+from autocontour.backends import Backend, select_backend
+from autocontour.model_config import ModelConfig
+from autocontour.volume import Volume, to_canonical
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["ModelGridCache", "Segmenter", "open_segmenters"]
+
+
+class ModelGridCache:
+    """``inference.to_model_grid`` of the latest volume, once per model spacing; thread-safe.
+
+    Only the latest volume's images are kept: a different volume clears the cache.  A
+    second caller asking for an image being computed waits and reuses it.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._volume: weakref.ref | None = None
+        self._images: dict[tuple[float, ...], np.ndarray] = {}
+
+    def get(self, volume: Volume, canon: np.ndarray, step: np.ndarray) -> np.ndarray:
+        """``volume``'s canonical array ``canon`` on the grid ``step`` source voxels apart."""
+        key = tuple(float(v) for v in np.round(step, 6))
+        with self._lock:
+            if self._volume is None or self._volume() is not volume:
+                self._images.clear()
+                self._volume = weakref.ref(volume)
+            if key not in self._images:
+                self._images[key] = inference.to_model_grid(canon, step)
+            return self._images[key]
+
+    def clear(self) -> None:
+        """Forget every image (the next ``get`` computes again)."""
+        with self._lock:
+            self._images.clear()
+            self._volume = None
+
+
+class Segmenter:
+    """A model with its open backend: build once at start-up, ``predict`` on each volume."""
+
+    def __init__(
+        self, model: ModelConfig, backend: Backend, grid_cache: ModelGridCache | None = None, mirror: bool = False
+    ):
+        self.model = model
+        self.backend = backend
+        self.grid_cache = grid_cache if grid_cache is not None else ModelGridCache()
+        self.mirror = mirror  # test-time mirroring (inference.mirrored): twice the network time
+
+    @classmethod
+    def open(
+        cls,
+        model: ModelConfig,
+        preference: str = "auto",
+        workdir: Path | str = ".",
+        grid_cache: ModelGridCache | None = None,
+        mirror: bool = False,
+    ) -> Segmenter:
+        """``model`` on the first backend that loads (see ``backends.select_backend``).
+
+        Raises:
+            ModelError: no backend could load the model.
+        """
+        backend, _ = select_backend(model, preference, workdir)
+        return cls(model, backend, grid_cache, mirror)
+
+    @property
+    def name(self) -> str:
+        """The model's name (one graph branch per model)."""
+        return self.model.name
+
+    def predict(self, volume: Volume) -> dict[str, np.ndarray]:
+        """Masks (bool, the volume's (k, j, i) order) for each label of the model.
+
+        Raises:
+            GeometryError: the volume is not axis-aligned.
+            InferenceError: the backend failed.
+        """
+        model = self.model
+        view = to_canonical(volume)
+        canon = view.forward(volume.array)
+        step = np.array(model.spacing_zyx) / np.array(view.spacing_zyx)  # source voxels per model voxel
+        small = self.grid_cache.get(volume, canon, step)
+        box = inference.body_box(small, model.spacing_zyx)
+        crop = small[box]
+        lo, hi = model.window_hu
+        x = (np.clip(crop, lo, hi) - lo) / (hi - lo)
+        probs = inference.to_probabilities(self._logits(x.astype(np.float32)), model.kind)
+        masks = {name: np.zeros(volume.array.shape, bool) for name in model.labels}
+        found = False
+        for c, sl, mask in inference.masks_on_patient_grid(probs, model.kind, box, step, canon.shape):
+            # view.forward(mask) is a view: writing the canonical region fills the (k, j, i) mask
+            # (boxes of one structure may overlap; each decides its voxels exactly, so OR is safe)
+            view.forward(masks[model.labels[c]])[sl] |= mask
+            found = True
+        if not found:
+            logger.info("model %s: no structure found", model.name)
+        return masks
+
+    def _logits(self, image: np.ndarray) -> np.ndarray:
+        """(C, Z, Y, X) logits of the network over the windowed model-grid crop ``image``."""
+        predict = self.backend.predict
+        if self.mirror:
+            predict = inference.mirrored(predict, inference.mirror_permutation(self.model))
+        return inference.sliding_window(image, self.model.patch_zyx, predict, self.model.output_count)
+
+
+def open_segmenters(
+    models: list[ModelConfig], preference: str = "auto", workdir: Path | str = ".", mirror: bool = False
+) -> list[Segmenter]:
+    """Every model opened on its backend once, at start-up, sharing one model-grid cache.
+
+    Raises:
+        ModelError: a model could not be loaded on any backend.
+    """
+    cache = ModelGridCache()
+    return [Segmenter.open(m, preference, workdir, cache, mirror) for m in models]
