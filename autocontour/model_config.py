@@ -52,6 +52,9 @@ class ModelConfig:
     window_hu: tuple[float, float]
     patch_zyx: tuple[int, int, int]
     description: str = ""
+    # model.yaml inference.test_time_mirroring: run with the patient also mirrored left-right
+    # (lateral structures swapped back); set at export for models trained with mirrored patches
+    test_time_mirroring: bool = False
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "kind", ModelKind(self.kind))
@@ -64,6 +67,12 @@ class ModelConfig:
     def output_count(self) -> int:
         """Channels the network outputs: one per label, plus the background of a softmax."""
         return self.kind.output_count(len(self.labels))
+
+
+def _flag(value) -> bool:
+    if not isinstance(value, bool):
+        raise ValueError(f"inference.test_time_mirroring must be true or false, not {value!r}")
+    return value
 
 
 def sha256_file(path: Path) -> str:
@@ -103,6 +112,7 @@ def load_model_config(folder: Path, verify: bool = True) -> ModelConfig:
             window_hu=tuple(float(v) for v in inp["window_hu"]),
             patch_zyx=tuple(int(v) for v in inp["patch_zyx"]),
             description=str(cfg.get("description", "")),
+            test_time_mirroring=_flag((cfg.get("inference") or {}).get("test_time_mirroring", False)),
         )
     except FileNotFoundError:
         raise ModelError(f"model description {meta} not found - reinstall the app's models/ folder or pass -m") from None

@@ -64,12 +64,15 @@ class Segmenter:
     """A model with its open backend: build once at start-up, ``predict`` on each volume."""
 
     def __init__(
-        self, model: ModelConfig, backend: Backend, grid_cache: ModelGridCache | None = None, mirror: bool = False
+        self, model: ModelConfig, backend: Backend, grid_cache: ModelGridCache | None = None,
+        mirror: bool | None = None,
     ):
         self.model = model
         self.backend = backend
         self.grid_cache = grid_cache if grid_cache is not None else ModelGridCache()
-        self.mirror = mirror  # test-time mirroring (inference.mirrored): twice the network time
+        # test-time mirroring (inference.mirrored, twice the network time): the model's own
+        # setting (model.yaml inference.test_time_mirroring) unless forced
+        self.mirror = model.test_time_mirroring if mirror is None else mirror
 
     @classmethod
     def open(
@@ -78,7 +81,7 @@ class Segmenter:
         preference: str = "auto",
         workdir: Path | str = ".",
         grid_cache: ModelGridCache | None = None,
-        mirror: bool = False,
+        mirror: bool | None = None,
     ) -> Segmenter:
         """``model`` on the first backend that loads (see ``backends.select_backend``).
 
@@ -130,7 +133,7 @@ class Segmenter:
 
 
 def open_segmenters(
-    models: list[ModelConfig], preference: str = "auto", workdir: Path | str = ".", mirror: bool = False
+    models: list[ModelConfig], preference: str = "auto", workdir: Path | str = ".", mirror: bool | None = None
 ) -> list[Segmenter]:
     """Every model opened on its backend once, at start-up, sharing one model-grid cache.
 

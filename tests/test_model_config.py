@@ -33,6 +33,14 @@ def test_valid_model_loads(model_dir):
     assert mc.labels == ("PTV_High",) and mc.spacing_zyx == (3.0, 4.0, 4.0) and mc.patch_zyx == (16, 16, 16)
 
 
+def test_test_time_mirroring_is_off_unless_model_yaml_says_so(model_dir):
+    assert load_model_config(model_dir).test_time_mirroring is False
+    cfg = yaml.safe_load((model_dir / "model.yaml").read_text())
+    cfg["inference"] = {"test_time_mirroring": True}
+    (model_dir / "model.yaml").write_text(yaml.safe_dump(cfg))
+    assert load_model_config(model_dir).test_time_mirroring is True
+
+
 def test_corrupt_model_names_file_and_expected_checksum(model_dir):
     expected = load_model_config(model_dir).onnx_sha256
     with open(model_dir / "model.onnx", "ab") as f:
@@ -53,6 +61,7 @@ def test_missing_model_file_names_it(model_dir):
         (lambda c: c.pop("input"), "malformed"),
         (lambda c: c["output"].update(kind="argmax"), "must be 'softmax' or 'sigmoid'"),
         (lambda c: c["output"].update(labels=["Heart"]), "Unknown structure 'Heart'"),
+        (lambda c: c.update(inference={"test_time_mirroring": "yes"}), "test_time_mirroring must be true or false"),
     ],
 )
 def test_bad_model_yaml_is_refused(model_dir, edit, message):

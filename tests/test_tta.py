@@ -88,3 +88,16 @@ def test_segment_with_mirroring_keeps_the_structure_in_place(position):
     assert np.array_equal(a, b)
     centroid = vol.index_to_lps(np.argwhere(b).mean(0)[None])[0]
     np.testing.assert_allclose(centroid, (10.0, -20.0, 30.0), atol=0.3)
+
+
+def test_segmenter_follows_the_models_own_mirroring_setting():
+    from dataclasses import replace
+
+    class Fake:
+        def predict(self, x):
+            return np.zeros((x.shape[0], 4, *x.shape[2:]), np.float32)
+
+    m = _model()
+    assert Segmenter(m, Fake()).mirror is False
+    assert Segmenter(replace(m, test_time_mirroring=True), Fake()).mirror is True
+    assert Segmenter(replace(m, test_time_mirroring=True), Fake(), mirror=False).mirror is False

@@ -80,6 +80,7 @@ def summarise(per: dict[str, list[dict]]) -> dict:
         headline[label] = entry.get("dice_ref_slices", entry["dice"])
     return {
         "per_structure": table,
+        "dice_mean_over_structures": round(float(np.mean([e["dice"] for e in table.values()])), 4),
         "headline_dice_per_structure": headline,
         "headline_dice_mean": round(float(np.mean(list(headline.values()))), 4),
         "headline_dice_min_structure": min(headline, key=headline.get),
@@ -88,7 +89,10 @@ def summarise(per: dict[str, list[dict]]) -> dict:
     }
 
 
-def evaluate(models_dir: Path, names: list[str], data: Path, limit: int | None, mirror: bool = True) -> dict:
+def evaluate(
+    models_dir: Path, names: list[str], data: Path, limit: int | None, mirror: bool | None = None
+) -> dict:
+    """``mirror``: test-time mirroring forced on or off; None runs each model as the app does."""
     cfgs = [load_model_config(models_dir / n) for n in names]
     segmenters = {s.name: s for s in open_segmenters(cfgs, "cpu", mirror=mirror)}
     paths = sorted(data.glob("*.npz"), key=lambda p: int(p.stem.split("_")[-1]))[:limit]
@@ -114,7 +118,7 @@ def evaluate(models_dir: Path, names: list[str], data: Path, limit: int | None, 
         result[name] = {
             "data": str(data.relative_to(data.parents[2])) if len(data.parents) > 2 else str(data),
             "patients": len(paths),
-            "test_time_mirroring": mirror,
+            "test_time_mirroring": segmenters[name].mirror,
             **summarise(rows),
             "seconds_per_patient": round(float(np.mean(seconds[name])), 3),
         }
@@ -127,12 +131,15 @@ def main() -> None:
     ap.add_argument("--models-dir", type=Path, default=ROOT / "models")
     ap.add_argument("--data", type=Path, default=ROOT.parent / "shared/data/openkbp/validation")
     ap.add_argument("--limit", type=int)
-    ap.add_argument("--no-mirror", action="store_true", help="without test-time mirroring (ablation)")
+    tta = ap.add_mutually_exclusive_group()
+    tta.add_argument("--mirror", dest="mirror", action="store_true", default=None,
+                     help="force test-time mirroring on (default: as model.yaml says, as the app runs)")
+    tta.add_argument("--no-mirror", dest="mirror", action="store_false", help="force it off (ablation)")
     ap.add_argument("--json", type=Path, help="also write the result to this file")
     ap.add_argument("--write", action="store_true", help="store the result in models/<name>/model.yaml")
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-    result = evaluate(args.models_dir, args.models, args.data, args.limit, mirror=not args.no_mirror)
+    result = evaluate(args.models_dir, args.models, args.data, args.limit, mirror=args.mirror)
     if args.json:
         args.json.write_text(json.dumps(result, indent=1))
     print(json.dumps(result, indent=1))  # noqa: T201 - this is a command-line report
@@ -140,7 +147,8 @@ def main() -> None:
         for name in args.models:
             p = args.models_dir / name / "model.yaml"
             meta = yaml.safe_load(p.read_text())
-            meta["validation"] = {**result[name], "command": "python -m training.evaluate --write" + (" --no-mirror" if args.no_mirror else "")}
+            meta["validation"] = {**result[name], "command": "python -m training.evaluate --write"
+                                  + {None: "", True: " --mirror", False: " --no-mirror"}[args.mirror]}
             p.write_text(yaml.safe_dump(meta, sort_keys=False, width=120))
 
 
