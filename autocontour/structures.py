@@ -93,6 +93,18 @@ STRUCTURES: tuple[StructureDefinition, ...] = (
         Code("228793007", "SCT", "Planning target volume"),
         max_components=4, min_component_cc=0.5, fill_holes=False, volume_range_cc=(39.3, 1193.9),
     ),
+    # the nested clinical dose levels of hn_target 2.x: PTV_Mid = PTV63 + PTV70 (85 OpenKBP train
+    # patients have a PTV63), PTV_Low = PTV56 + PTV63 + PTV70 (154 have a PTV56)
+    StructureDefinition(
+        "PTV_Mid", "PTV", (255, 140, 180), MORPHOLOGICALLY_ALTERED,
+        Code("228793007", "SCT", "Planning target volume"),
+        max_components=4, min_component_cc=0.5, fill_holes=False, volume_range_cc=(88.0, 1134.7),
+    ),
+    StructureDefinition(
+        "PTV_Low", "PTV", (80, 120, 255), MORPHOLOGICALLY_ALTERED,
+        Code("228793007", "SCT", "Planning target volume"),
+        max_components=4, min_component_cc=0.5, fill_holes=False, volume_range_cc=(195.1, 2369.8),
+    ),
 )
 
 _BY_NAME = {s.name: s for s in STRUCTURES}
