@@ -176,3 +176,21 @@ def test_restrict_to_reference_slices():
     assert np.flatnonzero(p2.any((1, 2))).tolist() == [3, 4, 5]
     assert np.array_equal(r2, ref)
     assert dice(p2, r2) == 1.0 and dice(pred, ref) < 0.7
+
+
+def test_cache_made_in_parallel_equals_the_serial_resampling(shared_data, tmp_path):
+    import shutil
+
+    from training.data import cached_cases, load_openkbp, resample_case
+
+    src = sorted((shared_data / "openkbp" / "validation").glob("*.npz"))[:2]
+    folder = tmp_path / "in"
+    folder.mkdir()
+    for f in src:
+        shutil.copy(f, folder)
+    made = cached_cases(folder, (3.0, 4.0, 4.0), tmp_path / "cache", workers=2)
+    again = cached_cases(folder, (3.0, 4.0, 4.0), tmp_path / "cache", workers=2)  # read back
+    assert [c.name for c in made] == [p.stem for p in src] == [c.name for c in again]
+    ref = resample_case(load_openkbp(src[1]), (3.0, 4.0, 4.0))
+    for c in (made[1], again[1]):
+        assert np.array_equal(c.ct, ref.ct) and np.array_equal(c.masks, ref.masks)
