@@ -15,7 +15,7 @@ MAP_TIMEOUT ?= 1800
 MAP_IMAGE ?= localhost/hn-autocontour:$(shell sed -n 's/^__version__ = "\(.*\)"/\1/p' autocontour/__init__.py)-cpu
 MAP_RENDER_ARGS ?=
 
-.PHONY: run test venv train-venv train export evaluate bench package map-image map-run clean
+.PHONY: run test venv train-venv train export evaluate bench package map-image map-run node clean
 
 $(STAMP): requirements.txt requirements-dev.txt
 	test -x $(VPY) || $(PY) -m venv $(VENV)
@@ -76,6 +76,11 @@ map-image: package
 ## run the CPU MAP image on $(INPUT), results in $(MAP_OUTPUT)
 map-run:
 	MAP_CONTEXT=$(MAP_DIR) MAP_IMAGE=$(MAP_IMAGE) MAP_INPUT=$(INPUT) MAP_OUTPUT=$(MAP_OUTPUT) bash packaging/podman.sh run
+
+## the DICOM node in the foreground: Orthanc + the contouring plugin (docs/deployment.md);
+## installs orthanc, orthanc-python and dcmtk with apt-get if missing; configured by AUTOCONTOUR_NODE_*
+node: $(STAMP)
+	exec bash deploy/orthanc/node.sh run
 
 clean:
 	rm -rf $(OUTPUT) build map-context
