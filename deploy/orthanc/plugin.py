@@ -109,7 +109,11 @@ def on_rest(output, uri, **request):
     elif status == 405:
         output.SendMethodNotAllowed(answer["allow"])
     else:
-        output.SendHttpStatus(status, json.dumps(answer, indent=1))
+        body = json.dumps(answer, indent=1)  # ASCII: len() is the byte count
+        try:
+            output.SendHttpStatus(status, body, len(body))  # orthanc-python 4.0: (status, body, size)
+        except TypeError:
+            output.SendHttpStatus(status, body)
 
 
 orthanc.RegisterOnChangeCallback(on_change)
