@@ -20,6 +20,9 @@ Writes into OUT (by ``make package``)::
     docs/                         -> /opt/holoscan/docs
     pip/requirements.txt          runtime pins (the repo's requirements.txt)
     pip/requirements-gpu.txt      the same with onnxruntime -> packaging/requirements-gpu.txt
+    mde/                          NOT in the image: the MONAI Deploy Express route (deploy/mde.py):
+                                  workflow.json, configure.sh (Informatics Gateway + Workflow
+                                  Manager), README.md; see docs/deployment.md
     wheels/                       NOT written here: packaging/podman.sh fills it (pip download);
                                   kept across renders
 
@@ -37,6 +40,7 @@ from __future__ import annotations
 import argparse
 import ast
 import json
+import os
 import re
 import shutil
 import sys
@@ -49,6 +53,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # run as a script: make the app's own modules importable
     sys.path.insert(0, str(ROOT))
 from autocontour.model_config import sha256_file  # noqa: E402 - one checksum routine for app and package
+from deploy import mde  # noqa: E402 - the MONAI Deploy Express workflow beside the MAP (docs/deployment.md)
 
 # MAP paths (MAP specification, "Table of Important Paths"; holoscan-cli DefaultValues)
 API_VERSION = "1.0.0"
@@ -460,6 +465,11 @@ def render(out: Path, root: Path = ROOT, models_dir: Path | None = None, timeout
     (out / "Dockerfile").write_text(dockerfile_cpu(cfg, version, sdk_version, holoscan, base_image))
     (out / "Dockerfile.gpu").write_text(dockerfile_gpu(cfg, version, sdk_version, holoscan))
     (out / "Dockerfile.gpu.dockerignore").write_text("wheels\n")
+    # MONAI Deploy Express (Informatics Gateway + Workflow Manager): not part of the image
+    try:
+        mde.render(out / "mde", version, dict(os.environ), timeout_s=int(timeout) or DEFAULT_TIMEOUT)
+    except ValueError as exc:
+        raise RenderError(f"MONAI Deploy Express workflow: {exc}") from None
     (out / "wheels").mkdir(exist_ok=True)
     summary = {
         "version": version,
