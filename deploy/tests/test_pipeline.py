@@ -267,3 +267,22 @@ def test_deploy_modules_need_only_the_standard_library(repo_root=Path(__file__).
             "deploy.rest, deploy.runner; bad = [m for m in ('numpy', 'pydicom', 'yaml') if m in sys.modules]; "
             "assert not bad, bad")
     subprocess.run([str(python), "-I", "-c", code, str(repo_root)], check=True, timeout=60)
+
+
+def test_node_stopping_during_a_run_requeues_the_study(tmp_path):
+    from deploy.runner import RunStopped
+
+    class StoppedApp(FakeApp):
+        def run(self, input_dir, output_dir, log, stop, on_start=None):
+            on_start(4242)
+            raise RunStopped("stopped after 3 s")
+
+    orthanc = FakeOrthanc()
+    study = orthanc.add_series("CT", generate_uid(), 10)
+    node = make_node(tmp_path, orthanc, StoppedApp())
+    node.on_stable_study(study)
+    task, _ = node._next()
+    node.contour(study)
+    job = node.store.get(study)
+    assert job.state == QUEUED and job.app_pid is None and "contoured again at the next start" in job.history[-1]["message"]
+    assert not list((tmp_path / "work").rglob("*.dcm")), "the exported CT copy is removed"
