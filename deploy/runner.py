@@ -118,8 +118,11 @@ class AppRunner:
         return RunResult(rc, time.monotonic() - t0, log, "" if rc == 0 else verdict(log))
 
 
-def end_process_group(proc: subprocess.Popen, grace_s: float = 10.0) -> None:
-    """SIGTERM the child's process group, SIGKILL it after ``grace_s``."""
+def end_process_group(proc: subprocess.Popen, grace_s: float = 3.0) -> None:
+    """SIGTERM the child's process group, SIGKILL it after ``grace_s``.  The grace is short on
+    purpose: Holoscan catches SIGTERM and lets the graph finish (seen: a run 3 s in went on for
+    8 s more), and a stopped run is repeated anyway; the app's staging folder makes a killed run
+    leave no result (docs/errors.md)."""
     for sig, wait in ((signal.SIGTERM, grace_s), (signal.SIGKILL, 5.0)):
         try:
             os.killpg(proc.pid, sig)
