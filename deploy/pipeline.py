@@ -157,6 +157,10 @@ class Node:
                 self.store.transition(job.study, QUEUED, "the node stopped during the run: contoured again",
                                       app_pid=None)
                 logger.warning("study %s: the node stopped during its run: queued again", job.study)
+            elif job.state == STORED and job.next_delivery is None and self.policy.destination:
+                # stored while no destination was configured: deliver now that there is one
+                self.store.transition(job.study, STORED, f"destination {self.policy.address} configured: delivering",
+                                      next_delivery=self.clock())
         try:
             studies = self.api.get_json("/studies")
         except ApiError as exc:

@@ -8,11 +8,13 @@ Debian's system Python: standard library only.  Everything that decides anything
   ORTHANC_STARTED -> ``Node.start`` (resume); ORTHANC_STOPPED -> ``Node.stop``.
 - ``orthanc.RegisterRestCallback``: /autocontour/jobs... -> ``deploy.rest.handle``.
 - ``PluginApi``: Orthanc's REST API in-process (``orthanc.RestApiGet`` / ``RestApiPost``).
-- Python logging -> Orthanc's log (``orthanc.LogWarning`` / ``LogError``) and DATA/node.log.
+- Python logging -> Orthanc's log (``orthanc.LogWarning`` / ``LogError``) and DATA/node.log
+  (rotated at 10 MB, 5 kept).
 """
 
 import json
 import logging
+import logging.handlers
 import sys
 from pathlib import Path
 
@@ -71,7 +73,7 @@ def _setup_logging(data: Path) -> None:
     log.propagate = False
     to_orthanc = OrthancLogHandler()
     to_orthanc.setFormatter(logging.Formatter("autocontour: %(message)s"))
-    to_file = logging.FileHandler(data / "node.log")
+    to_file = logging.handlers.RotatingFileHandler(data / "node.log", maxBytes=10_000_000, backupCount=5)
     to_file.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     log.handlers[:] = [to_orthanc, to_file]
 

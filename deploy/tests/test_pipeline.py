@@ -164,6 +164,11 @@ def test_no_destination_keeps_results_in_orthanc(tmp_path):
     job = node.store.get(study)
     assert job.state == STORED and job.next_delivery is None and len(job.results) == 3 and orthanc.store_calls == 0
     assert rest.handle(node, "POST", f"/{study}/resend")[0] == 409
+    # restarted with a destination: the results kept in Orthanc are delivered
+    with_dest = make_node(tmp_path, orthanc, app)
+    with_dest.resume()
+    assert drain(with_dest) == [("deliver", study)]
+    assert with_dest.store.get(study).state == DELIVERED and len(orthanc.delivered) == 1 and len(app.runs) == 1
 
 
 def test_restart_resumes_running_and_unrecorded_studies(tmp_path):
