@@ -93,8 +93,10 @@ class Node:
     def start(self) -> Node:
         cmd = ["make", "-s", "node"] if self.via_make else ["bash", "deploy/orthanc/node.sh", "run"]
         with open(self.log, "ab") as fh:
-            self.proc = subprocess.Popen(["nice", "-n", "10", *cmd] if not self.via_make else cmd, cwd=ROOT,
-                                         env=self.env, stdout=fh, stderr=subprocess.STDOUT, start_new_session=True)
+            # no extra `nice`: the node runs at the test's own priority (a second nice -n 10 on
+            # top of pytest's made a run take 50 times longer next to a training job)
+            self.proc = subprocess.Popen(cmd, cwd=ROOT, env=self.env, stdout=fh, stderr=subprocess.STDOUT,
+                                         start_new_session=True)
         wait_for(lambda: self.proc.poll() is not None or self.rest("/system", check=False)[0] == 200, 60,
                  "Orthanc's REST API", self)
         assert self.proc.poll() is None, self.log_tail()
