@@ -50,9 +50,12 @@ train: train-venv
 	  echo "training $$t (log: training/runs/$$t.log)"; \
 	done; trap 'kill $$pids' INT TERM; wait $$pids
 
+## export the committed stages' best checkpoints into models/ (then `make evaluate`; a model
+## worse than the released one on validation is not committed: git checkout models/<task>)
+EXPORT_VERSION ?= 2.0.0
 export: train-venv
-	$(TPY) -m training.export --task hn_oar --version 1.1.0
-	$(TPY) -m training.export --task hn_target
+	$(TPY) -m training.export --task hn_oar --version $(EXPORT_VERSION)
+	$(TPY) -m training.export --task hn_target --version $(EXPORT_VERSION)
 
 ## Dice of the exported ONNX models on the 33 OpenKBP validation patients
 evaluate: $(STAMP)
