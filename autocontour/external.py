@@ -1,0 +1,241 @@
+"""The External (body) contour: the patient's outer surface, from the CT alone.
+
+No model: a threshold, an in-plane opening, connected components and hole filling
+(SciPy), in three steps:
+
+1. **Find the patient** on a coarse in-plane grid (about ``COARSE_MM`` per pixel, every
+   slice kept): tissue is ``HU > BODY_HU``; an in-plane erosion of ``OPEN_MM`` cuts the
+   thin links between the patient and what touches it (thermoplastic mask, couch top,
+   head-rest and board shells, all a few mm thick, with foam or air between them and the
+   skin), and the largest 3-D connected component of what is left is the patient's core.
+   The region searched at full resolution is that core grown back by the erosion radius
+   plus one coarse pixel.
+2. **Trace the skin** at full resolution inside that region: ``HU > BODY_HU``, and the
+   largest face-connected (6-connected) component of it, so the External is one piece.
+   Objects outside the region (couch, head rest, boards, the mask where it stands off the
+   skin) are left out; the mask where it lies on the skin is within the region and joins
+   the patient, as it does in a planning system's own body contour at the same threshold.
+3. **Fill each slice's holes**: air enclosed by the patient on an axial slice (airways,
+   lungs, oral cavity, sinuses) is inside the External.
+
+``BODY_HU = -350`` is the usual body threshold of planning systems: fat (about -100 HU)
+and skin are above it, air (-1000), the foam of head rests and couch tops (about -900)
+and lung (-850) are below it (lung and airways are enclosed, so step 3 puts them inside).
+
+All work is on the volume's own (k, j, i) grid with in-plane operations only, so it holds
+for every axial orientation (HFS, HFP, FFS, FFP, decubitus) and for non-square pixels;
+the mask has the volume's shape, so it carries the volume's affine.
+
+``check_external`` is the External's own plausibility check (flags, never changes).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+from scipy import ndimage
+
+from autocontour.volume import Volume
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "BODY_HU",
+    "ExternalResult",
+    "check_external",
+    "external_mask",
+]
+
+BODY_HU = -350.0  # tissue above, air / foam / lung below
+OPEN_MM = 4.0  # in-plane erosion radius that separates the patient from thin objects touching it
+COARSE_MM = 4.0  # in-plane pixel size for finding the patient (the grid is subsampled by whole pixels)
+# plausibility: mean axial cross-section of a head-and-neck patient (head ~150-250 cm^2,
+# neck ~100 cm^2, shoulders ~600-900 cm^2) widened generously
+MEAN_AREA_RANGE_CM2 = (40.0, 1500.0)
+# a slice whose External touches the image edge over more than this many mm is truncated
+EDGE_CONTACT_MM = 10.0
+
+_SIX = ndimage.generate_binary_structure(3, 1)
+_IN_PLANE_4 = np.zeros((3, 3, 3), bool)
+_IN_PLANE_4[1] = ndimage.generate_binary_structure(2, 1)
+
+
+@dataclass
+class ExternalResult:
+    """The External mask (k, j, i) and what was found on the way."""
+
+    mask: np.ndarray
+    excluded_cc: float = 0.0  # about how much tissue-dense voxels (> BODY_HU) left out: couch, head rest, boards, mask
+    holes_filled_cc: float = 0.0  # air enclosed by the patient, put inside
+    seconds: float = 0.0
+    flags: list[str] = field(default_factory=list)
+
+
+def _shift_op(mask: np.ndarray, radius: tuple[int, int], grow: bool) -> np.ndarray:
+    """In-plane erosion (``grow=False``) or dilation by a (2 rj + 1) x (2 ri + 1) rectangle.
+
+    Separable: one pass per in-plane axis, each the AND (OR) of the mask shifted by up to
+    ``r`` pixels either way; outside the image counts as background.
+    """
+    out = mask.copy()
+    for axis, r in zip((1, 2), radius):
+        if r <= 0:
+            continue
+        src = out.copy()
+        for s in range(1, r + 1):
+            hi = [slice(None)] * 3
+            lo = [slice(None)] * 3
+            hi[axis], lo[axis] = slice(s, None), slice(None, -s)
+            if grow:
+                out[tuple(hi)] |= src[tuple(lo)]
+                out[tuple(lo)] |= src[tuple(hi)]
+            else:
+                out[tuple(hi)] &= src[tuple(lo)]
+                out[tuple(lo)] &= src[tuple(hi)]
+                edge_lo, edge_hi = [slice(None)] * 3, [slice(None)] * 3
+                edge_lo[axis], edge_hi[axis] = slice(0, s), slice(-s, None)
+                out[tuple(edge_lo)] = False
+                out[tuple(edge_hi)] = False
+    return out
+
+
+def _largest_component(mask: np.ndarray, structure: np.ndarray) -> np.ndarray:
+    """The largest connected component of ``mask`` (all False when ``mask`` is).
+
+    Sizes are counted on every other row and column (a quarter of the voxels: the
+    patient outnumbers anything else in its region a hundredfold); all voxels when that
+    sample holds none.
+    """
+    labels, n = ndimage.label(mask, structure=structure)
+    if n == 0:
+        return np.zeros(mask.shape, bool)
+    if n == 1:
+        return labels == 1
+    sizes = np.bincount(labels[:, ::2, ::2].ravel(), minlength=n + 1)
+    sizes[0] = 0
+    if not sizes.any():
+        sizes = np.bincount(labels.ravel(), minlength=n + 1)
+        sizes[0] = 0
+    return labels == sizes.argmax()
+
+
+def _fill_holes_per_slice(mask: np.ndarray, chunk: int = 16) -> np.ndarray:
+    """Background enclosed by ``mask`` on its own axial slice becomes foreground.
+
+    The background is labelled with in-plane 4-connectivity (slices independent), in
+    chunks of ``chunk`` slices each cropped to its own in-plane extent (a head is far
+    narrower than the shoulders); background components that touch the crop's edge are
+    outside.
+    """
+    out = mask.copy()
+    for k0 in range(0, mask.shape[0], chunk):
+        part = mask[k0 : k0 + chunk]
+        js = np.flatnonzero(part.any(axis=(0, 2)))
+        if js.size == 0:
+            continue
+        is_ = np.flatnonzero(part.any(axis=(0, 1)))
+        box = (slice(None), slice(int(js[0]), int(js[-1]) + 1), slice(int(is_[0]), int(is_[-1]) + 1))
+        background = np.pad(~part[box], ((0, 0), (1, 1), (1, 1)), constant_values=True)
+        labels, n = ndimage.label(background, structure=_IN_PLANE_4)
+        inside = np.ones(n + 1, bool)  # lookup: label -> enclosed
+        inside[labels[:, 0, :]] = False  # the padding ring touches every edge component
+        inside[labels[:, :, 0]] = False
+        inside[0] = False
+        holes = inside[labels[:, 1:-1, 1:-1]]
+        out[k0 : k0 + chunk][box] |= holes
+    return out
+
+
+def external_mask(volume: Volume) -> ExternalResult:
+    """The patient's External (body) mask on ``volume``'s grid; see the module docstring.
+
+    Returns an empty mask (flagged by ``check_external``) when no patient is found, e.g.
+    a volume of air.
+    """
+    t0 = time.perf_counter()
+    arr = volume.array
+    shape = arr.shape
+    spacing = volume.spacing  # (k, j, i) mm
+    step = tuple(max(1, int(COARSE_MM // float(s))) for s in spacing[1:])
+    coarse_mm = tuple(float(s) * f for s, f in zip(spacing[1:], step))
+    radius = tuple(max(1, int(round(OPEN_MM / c))) for c in coarse_mm)
+    voxel_cc = volume.voxel_volume_cc
+
+    # 1. the patient's core on the coarse grid
+    coarse = arr[:, :: step[0], :: step[1]] > BODY_HU
+    core = _largest_component(_shift_op(coarse, radius, grow=False), _SIX)
+    if not core.any():
+        logger.warning("External: no patient found (nothing above %g HU survives a %g mm opening)", BODY_HU, OPEN_MM)
+        return ExternalResult(np.zeros(shape, bool), seconds=time.perf_counter() - t0)
+    region = _shift_op(core, tuple(r + 1 for r in radius), grow=True)
+
+    # 2. full resolution inside the region's bounding box
+    ks = np.flatnonzero(region.any(axis=(1, 2)))
+    js = np.flatnonzero(region.any(axis=(0, 2)))
+    is_ = np.flatnonzero(region.any(axis=(0, 1)))
+    region = region[ks[0] : ks[-1] + 1, js[0] : js[-1] + 1, is_[0] : is_[-1] + 1]
+    up = np.repeat(np.repeat(region, step[0], axis=1), step[1], axis=2)
+    k_box = slice(int(ks[0]), int(ks[-1]) + 1)
+    j0, i0 = int(js[0]) * step[0], int(is_[0]) * step[1]
+    up = up[:, : shape[1] - j0, : shape[2] - i0]
+    j_box, i_box = slice(j0, j0 + up.shape[1]), slice(i0, i0 + up.shape[2])
+    tissue = arr[k_box, j_box, i_box] > BODY_HU
+    body = _largest_component(tissue & up, _SIX)
+
+    # 3. holes of each slice
+    filled = _fill_holes_per_slice(body)
+    mask = np.zeros(shape, bool)
+    mask[k_box, j_box, i_box] = filled
+    holes = int(filled.sum() - body.sum())
+    # tissue-dense voxels left out, estimated from the coarse grid (each coarse pixel stands for step^2)
+    excluded = max(0, int(np.count_nonzero(coarse)) * step[0] * step[1] - int(body.sum()))
+    res = ExternalResult(mask, excluded_cc=excluded * voxel_cc, holes_filled_cc=holes * voxel_cc,
+                         seconds=time.perf_counter() - t0)
+    logger.info(
+        "External: %.0f cc on %d of %d slices; %.0f cc of enclosed air put inside, %.0f cc of objects above %g HU "
+        "left out (%.2f s)",
+        mask.sum() * voxel_cc, len(np.flatnonzero(mask.any(axis=(1, 2)))), shape[0], res.holes_filled_cc,
+        res.excluded_cc, BODY_HU, res.seconds,
+    )
+    return res
+
+
+def check_external(volume: Volume, mask: np.ndarray) -> list[str]:
+    """Plausibility flags for an External mask on ``volume`` (never changes it).
+
+    * empty;
+    * a gap: a slice without External between slices with one;
+    * truncated: the External runs along the image edge (field of view smaller than the
+      patient) over more than ``EDGE_CONTACT_MM`` on some slices;
+    * the mean axial cross-section outside ``MEAN_AREA_RANGE_CM2``.
+
+    One component holds by construction (``external_mask`` keeps the largest and only
+    fills holes), so it is tested, not checked at run time.
+    """
+    flags: list[str] = []
+    per_slice = mask.sum(axis=(1, 2))
+    occupied = np.flatnonzero(per_slice)
+    if occupied.size == 0:
+        return ["empty: no patient found above the body threshold"]
+    gaps = [int(k) for k in range(occupied[0], occupied[-1] + 1) if per_slice[k] == 0]
+    if gaps:
+        flags.append(f"External missing on {len(gaps)} slice(s) between its first and last (k = {gaps[:5]})")
+    spacing = volume.spacing
+    pixel_cm2 = float(spacing[1] * spacing[2]) / 100.0
+    mean_area = float(per_slice[occupied].mean()) * pixel_cm2
+    lo, hi = MEAN_AREA_RANGE_CM2
+    if not lo <= mean_area <= hi:
+        flags.append(f"mean axial cross-section {mean_area:.0f} cm2 outside the plausible range {lo:g}-{hi:g} cm2")
+    edge = np.zeros(mask.shape[0], float)
+    for axis, sl, mm in ((1, 0, spacing[2]), (1, -1, spacing[2]), (2, 0, spacing[1]), (2, -1, spacing[1])):
+        edge += np.take(mask, sl, axis=axis).sum(axis=1) * float(mm)
+    truncated = np.flatnonzero(edge > EDGE_CONTACT_MM)
+    if truncated.size:
+        flags.append(
+            f"External touches the image edge on {truncated.size} slice(s) (k {int(truncated[0])}-{int(truncated[-1])}): "
+            "the patient is wider than the field of view there"
+        )
+    return flags
