@@ -1,26 +1,29 @@
 """The External (body) contour: the patient's outer surface, from the CT alone.
 
 No model: a threshold, an in-plane opening, connected components and hole filling
-(SciPy), in three steps:
+(SciPy), in four steps; tissue is ``HU > BODY_HU``:
 
-1. **Find the patient** on a coarse in-plane grid (about ``COARSE_MM`` per pixel, every
-   slice kept): tissue is ``HU > BODY_HU``; an in-plane erosion of ``OPEN_MM`` cuts the
-   thin links between the patient and what touches it (thermoplastic mask, couch top,
-   head-rest and board shells, all a few mm thick, with foam or air between them and the
-   skin), and the largest 3-D connected component of what is left is the patient's core.
-   The region searched at full resolution is that core grown back by the erosion radius
-   plus one coarse pixel.
-2. **Trace the skin** at full resolution inside that region: ``HU > BODY_HU``, and the
-   largest face-connected (6-connected) component of it, so the External is one piece.
-   Objects outside the region (couch, head rest, boards, the mask where it stands off the
-   skin) are left out; the mask where it lies on the skin is within the region and joins
-   the patient, as it does in a planning system's own body contour at the same threshold.
-3. **Fill each slice's holes**: air enclosed by the patient on an axial slice (airways,
+1. **Where the patient is**, on a coarse in-plane grid (about ``COARSE_MM`` per pixel,
+   every slice kept): the largest 3-D connected component of the tissue after a one-pixel
+   in-plane erosion; only its bounding box (grown by three coarse pixels) is used, so
+   the finer steps work on the patient's box, not on the couch's width.
+2. **Separate the patient from what touches it**, on a medium grid (about
+   ``MEDIUM_MM``): an in-plane erosion of ``OPEN_MM`` cuts the thin links between the
+   patient and the thermoplastic mask, couch top, head-rest and board shells (a few mm
+   thick, with foam or air between them and the skin) while the nose, chin and ears'
+   roots survive it; the largest 3-D component of what is left, grown back by the
+   erosion radius plus one pixel, is the region where the skin is traced.
+3. **Trace the skin** at full resolution inside that region: tissue, and the largest
+   face-connected (6-connected) component of it, so the External is one piece.  Objects
+   outside the region (couch, head rest, boards, the mask where it stands off the skin)
+   are left out; the mask where it lies on the skin joins the patient, as it does in a
+   planning system's own body contour at the same threshold.
+4. **Fill each slice's holes**: air enclosed by the patient on an axial slice (airways,
    lungs, oral cavity, sinuses) is inside the External.
 
 ``BODY_HU = -350`` is the usual body threshold of planning systems: fat (about -100 HU)
 and skin are above it, air (-1000), the foam of head rests and couch tops (about -900)
-and lung (-850) are below it (lung and airways are enclosed, so step 3 puts them inside).
+and lung (-850) are below it (lung and airways are enclosed, so step 4 puts them inside).
 
 All work is on the volume's own (k, j, i) grid with in-plane operations only, so it holds
 for every axial orientation (HFS, HFP, FFS, FFP, decubitus) and for non-square pixels;
@@ -50,8 +53,9 @@ __all__ = [
 ]
 
 BODY_HU = -350.0  # tissue above, air / foam / lung below
-OPEN_MM = 4.0  # in-plane erosion radius that separates the patient from thin objects touching it
-COARSE_MM = 4.0  # in-plane pixel size for finding the patient (the grid is subsampled by whole pixels)
+COARSE_MM = 4.0  # in-plane pixel size for finding where the patient is (subsampled by whole pixels)
+MEDIUM_MM = 2.5  # in-plane pixel size for separating the patient from what touches it
+OPEN_MM = 2.5  # in-plane erosion radius that cuts thin links (mask, shells); the nose and chin survive it
 # plausibility: mean axial cross-section of a head-and-neck patient (head ~150-250 cm^2,
 # neck ~100 cm^2, shoulders ~600-900 cm^2) widened generously
 MEAN_AREA_RANGE_CM2 = (40.0, 1500.0)
@@ -149,6 +153,21 @@ def _fill_holes_per_slice(mask: np.ndarray, chunk: int = 16) -> np.ndarray:
     return out
 
 
+def _steps(spacing: np.ndarray, target_mm: float) -> tuple[int, int]:
+    """In-plane subsampling steps (whole pixels) that bring the pixels to about ``target_mm``."""
+    return tuple(max(1, int(target_mm // float(s))) for s in spacing[1:])
+
+
+def _full_box(region: np.ndarray, step: tuple[int, int], shape: tuple[int, ...]) -> tuple[slice, slice, slice]:
+    """Full-resolution bounding box of a region on a grid subsampled by ``step`` in-plane."""
+    ks = np.flatnonzero(region.any(axis=(1, 2)))
+    js = np.flatnonzero(region.any(axis=(0, 2)))
+    is_ = np.flatnonzero(region.any(axis=(0, 1)))
+    return (slice(int(ks[0]), int(ks[-1]) + 1),
+            slice(int(js[0]) * step[0], min(shape[1], (int(js[-1]) + 1) * step[0])),
+            slice(int(is_[0]) * step[1], min(shape[2], (int(is_[-1]) + 1) * step[1])))
+
+
 def external_mask(volume: Volume) -> ExternalResult:
     """The patient's External (body) mask on ``volume``'s grid; see the module docstring.
 
@@ -159,39 +178,42 @@ def external_mask(volume: Volume) -> ExternalResult:
     arr = volume.array
     shape = arr.shape
     spacing = volume.spacing  # (k, j, i) mm
-    step = tuple(max(1, int(COARSE_MM // float(s))) for s in spacing[1:])
-    coarse_mm = tuple(float(s) * f for s, f in zip(spacing[1:], step))
-    radius = tuple(max(1, int(round(OPEN_MM / c))) for c in coarse_mm)
     voxel_cc = volume.voxel_volume_cc
 
-    # 1. the patient's core on the coarse grid
-    coarse = arr[:, :: step[0], :: step[1]] > BODY_HU
-    core = _largest_component(_shift_op(coarse, radius, grow=False), _SIX)
+    # 1. where the patient is: the largest component of the coarse grid's tissue after a
+    # COARSE_MM opening, grown back generously; only its bounding box is used
+    step_c = _steps(spacing, COARSE_MM)
+    coarse = arr[:, :: step_c[0], :: step_c[1]] > BODY_HU
+    core = _largest_component(_shift_op(coarse, (1, 1), grow=False), _SIX)
     if not core.any():
-        logger.warning("External: no patient found (nothing above %g HU survives a %g mm opening)", BODY_HU, OPEN_MM)
+        logger.warning("External: no patient found (nothing above %g HU survives a %g mm opening)", BODY_HU, COARSE_MM)
         return ExternalResult(np.zeros(shape, bool), seconds=time.perf_counter() - t0)
+    box = _full_box(_shift_op(core, (3, 3), grow=True), step_c, shape)
+
+    # 2. the patient's core on the medium grid inside that box: an OPEN_MM opening cuts the
+    # thin links to what touches the patient; the core grown back by the opening radius plus
+    # one pixel is the region where the skin is traced
+    step = _steps(spacing, MEDIUM_MM)
+    radius = tuple(max(1, int(round(OPEN_MM / (float(s) * f)))) for s, f in zip(spacing[1:], step))
+    medium = arr[box][:, :: step[0], :: step[1]] > BODY_HU
+    core = _largest_component(_shift_op(medium, radius, grow=False), _SIX)
     region = _shift_op(core, tuple(r + 1 for r in radius), grow=True)
-
-    # 2. full resolution inside the region's bounding box
-    ks = np.flatnonzero(region.any(axis=(1, 2)))
-    js = np.flatnonzero(region.any(axis=(0, 2)))
-    is_ = np.flatnonzero(region.any(axis=(0, 1)))
-    region = region[ks[0] : ks[-1] + 1, js[0] : js[-1] + 1, is_[0] : is_[-1] + 1]
     up = np.repeat(np.repeat(region, step[0], axis=1), step[1], axis=2)
-    k_box = slice(int(ks[0]), int(ks[-1]) + 1)
-    j0, i0 = int(js[0]) * step[0], int(is_[0]) * step[1]
-    up = up[:, : shape[1] - j0, : shape[2] - i0]
-    j_box, i_box = slice(j0, j0 + up.shape[1]), slice(i0, i0 + up.shape[2])
-    tissue = arr[k_box, j_box, i_box] > BODY_HU
-    body = _largest_component(tissue & up, _SIX)
+    n_j, n_i = box[1].stop - box[1].start, box[2].stop - box[2].start
+    up = up[:, :n_j, :n_i]
 
-    # 3. holes of each slice
+    # 3. the skin at full resolution: tissue in the region, one face-connected piece
+    tissue = arr[box] > BODY_HU
+    body = _largest_component(tissue & up, _SIX)
+    k_box, j_box, i_box = box
+
+    # 4. holes of each slice
     filled = _fill_holes_per_slice(body)
     mask = np.zeros(shape, bool)
     mask[k_box, j_box, i_box] = filled
     holes = int(filled.sum() - body.sum())
     # tissue-dense voxels left out, estimated from the coarse grid (each coarse pixel stands for step^2)
-    excluded = max(0, int(np.count_nonzero(coarse)) * step[0] * step[1] - int(body.sum()))
+    excluded = max(0, int(np.count_nonzero(coarse)) * step_c[0] * step_c[1] - int(body.sum()))
     res = ExternalResult(mask, excluded_cc=excluded * voxel_cc, holes_filled_cc=holes * voxel_cc,
                          seconds=time.perf_counter() - t0)
     logger.info(
