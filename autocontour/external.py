@@ -212,8 +212,12 @@ def external_mask(volume: Volume) -> ExternalResult:
     mask = np.zeros(shape, bool)
     mask[k_box, j_box, i_box] = filled
     holes = int(filled.sum() - body.sum())
-    # tissue-dense voxels left out, estimated from the coarse grid (each coarse pixel stands for step^2)
-    excluded = max(0, int(np.count_nonzero(coarse)) * step_c[0] * step_c[1] - int(body.sum()))
+    # tissue-dense voxels left out: exact in the box, from the coarse grid outside it (each
+    # coarse pixel stands for step^2 voxels)
+    outside_box = int(np.count_nonzero(coarse)) - int(np.count_nonzero(
+        coarse[k_box, box[1].start // step_c[0] : -(-box[1].stop // step_c[0]),
+               box[2].start // step_c[1] : -(-box[2].stop // step_c[1])]))
+    excluded = int(np.count_nonzero(tissue)) - int(body.sum()) + max(0, outside_box) * step_c[0] * step_c[1]
     res = ExternalResult(mask, excluded_cc=excluded * voxel_cc, holes_filled_cc=holes * voxel_cc,
                          seconds=time.perf_counter() - t0)
     logger.info(

@@ -229,7 +229,7 @@ def _legend_lines(results: Mapping[str, StructureResult]) -> list[tuple[tuple[in
         if r.components_removed:
             notes.append(f"{r.components_removed} component(s) removed, {r.removed_cc:.2f} cc")
         if name == EXTERNAL and r.excluded_cc:
-            notes.append(f"couch / head rest / objects left out: {r.excluded_cc:.0f} cc")
+            notes.append(f"left out (couch, head rest, other objects): {r.excluded_cc:.0f} cc")
         for note in notes:
             for i, part in enumerate(textwrap.wrap(note, width)):
                 lines.append((None, part if i == 0 else "  " + part, NOTE))
