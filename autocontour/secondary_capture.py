@@ -106,8 +106,9 @@ def build_secondary_capture(
     ds.SeriesDate = date
     ds.SeriesTime = time
     ds.SeriesDescription = series_description
-    # type 2C (a paired body part without Image Laterality): empty, the pages show both sides
-    ds.Laterality = ""
+    # Laterality (type 2C, for a paired body part) is left out: the body part examined is
+    # given (the CT's, else head and neck: what this app contours) and is unpaired
+    ds.BodyPartExamined = str(ct.get("BodyPartExamined", "") or "HEADNECK")
     # General Equipment, SC Equipment
     ds.Manufacturer = _ascii(algorithm_name, "algorithm name")
     ds.ConversionType = "WSD"  # workstation
