@@ -19,7 +19,9 @@ No model: a threshold, an in-plane opening, connected components and hole fillin
    are left out; the mask where it lies on the skin joins the patient, as it does in a
    planning system's own body contour at the same threshold.
 4. **Fill each slice's holes**: air enclosed by the patient on an axial slice (airways,
-   lungs, oral cavity, sinuses) is inside the External.
+   lungs, oral cavity, sinuses) is inside the External; pieces of a slice smaller than
+   ``MIN_ISLAND_MM2`` (dots of the mask on the skin, joined to the patient only through
+   another slice) are dropped, so the RTSTRUCT has no speck contours.
 
 ``BODY_HU = -350`` is the usual body threshold of planning systems: fat (about -100 HU)
 and skin are above it, air (-1000), the foam of head rests and couch tops (about -900)
@@ -59,12 +61,15 @@ OPEN_MM = 2.5  # in-plane erosion radius that cuts thin links (mask, shells); th
 # plausibility: mean axial cross-section of a head-and-neck patient (head ~150-250 cm^2,
 # neck ~100 cm^2, shoulders ~600-900 cm^2) widened generously
 MEAN_AREA_RANGE_CM2 = (40.0, 1500.0)
+MIN_ISLAND_MM2 = 20.0  # a separate piece of one slice smaller than this is a speck, not patient
 # a slice whose External touches the image edge over more than this many mm is truncated
 EDGE_CONTACT_MM = 10.0
 
 _SIX = ndimage.generate_binary_structure(3, 1)
 _IN_PLANE_4 = np.zeros((3, 3, 3), bool)
 _IN_PLANE_4[1] = ndimage.generate_binary_structure(2, 1)
+_IN_PLANE_8 = np.zeros((3, 3, 3), bool)
+_IN_PLANE_8[1] = True
 
 
 @dataclass
@@ -126,15 +131,18 @@ def _largest_component(mask: np.ndarray, structure: np.ndarray) -> np.ndarray:
     return labels == sizes.argmax()
 
 
-def _fill_holes_per_slice(mask: np.ndarray, chunk: int = 16) -> np.ndarray:
-    """Background enclosed by ``mask`` on its own axial slice becomes foreground.
+def _fill_holes_and_drop_specks(mask: np.ndarray, min_island_px: int, chunk: int = 16) -> tuple[np.ndarray, int]:
+    """Background enclosed by ``mask`` on its own axial slice becomes foreground, and
+    pieces of a slice smaller than ``min_island_px`` (specks joined to the patient only
+    through another slice: the mask's dots on the skin) are dropped.
 
-    The background is labelled with in-plane 4-connectivity (slices independent), in
-    chunks of ``chunk`` slices each cropped to its own in-plane extent (a head is far
-    narrower than the shoulders); background components that touch the crop's edge are
-    outside.
+    Labelled with in-plane connectivity (slices independent: background 4-, foreground
+    8-connected), in chunks of ``chunk`` slices each cropped to its own in-plane extent (a
+    head is far narrower than the shoulders); background components that touch the crop's
+    edge are outside.  Returns the mask and the number of specks dropped.
     """
     out = mask.copy()
+    dropped = 0
     for k0 in range(0, mask.shape[0], chunk):
         part = mask[k0 : k0 + chunk]
         js = np.flatnonzero(part.any(axis=(0, 2)))
@@ -148,9 +156,16 @@ def _fill_holes_per_slice(mask: np.ndarray, chunk: int = 16) -> np.ndarray:
         inside[labels[:, 0, :]] = False  # the padding ring touches every edge component
         inside[labels[:, :, 0]] = False
         inside[0] = False
-        holes = inside[labels[:, 1:-1, 1:-1]]
-        out[k0 : k0 + chunk][box] |= holes
-    return out
+        filled = part[box] | inside[labels[:, 1:-1, 1:-1]]
+        labels, n = ndimage.label(filled, structure=_IN_PLANE_8)
+        sizes = np.bincount(labels.ravel(), minlength=n + 1)
+        small = sizes < min_island_px
+        small[0] = False
+        if small.any():
+            dropped += int(small.sum())
+            filled &= ~small[labels]
+        out[k0 : k0 + chunk][box] = filled
+    return out, dropped
 
 
 def _steps(spacing: np.ndarray, target_mm: float) -> tuple[int, int]:
@@ -207,11 +222,12 @@ def external_mask(volume: Volume) -> ExternalResult:
     body = _largest_component(tissue & up, _SIX)
     k_box, j_box, i_box = box
 
-    # 4. holes of each slice
-    filled = _fill_holes_per_slice(body)
+    # 4. holes and specks of each slice
+    min_px = max(1, int(np.ceil(MIN_ISLAND_MM2 / float(spacing[1] * spacing[2]))))
+    filled, specks = _fill_holes_and_drop_specks(body, min_px)
     mask = np.zeros(shape, bool)
     mask[k_box, j_box, i_box] = filled
-    holes = int(filled.sum() - body.sum())
+    holes = int(np.count_nonzero(filled & ~body))
     # tissue-dense voxels left out: exact in the box, from the coarse grid outside it (each
     # coarse pixel stands for step^2 voxels)
     outside_box = int(np.count_nonzero(coarse)) - int(np.count_nonzero(
@@ -221,9 +237,9 @@ def external_mask(volume: Volume) -> ExternalResult:
     res = ExternalResult(mask, excluded_cc=excluded * voxel_cc, holes_filled_cc=holes * voxel_cc,
                          seconds=time.perf_counter() - t0)
     logger.info(
-        "External: %.0f cc on %d of %d slices; %.0f cc of enclosed air put inside, %.0f cc of objects above %g HU "
-        "left out (%.2f s)",
-        mask.sum() * voxel_cc, len(np.flatnonzero(mask.any(axis=(1, 2)))), shape[0], res.holes_filled_cc,
+        "External: %.0f cc on %d of %d slices; %.0f cc of enclosed air put inside, %d specks dropped, %.0f cc of "
+        "objects above %g HU left out (%.2f s)",
+        mask.sum() * voxel_cc, len(np.flatnonzero(mask.any(axis=(1, 2)))), shape[0], res.holes_filled_cc, specks,
         res.excluded_cc, BODY_HU, res.seconds,
     )
     return res
