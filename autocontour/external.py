@@ -233,13 +233,14 @@ def external_mask(volume: Volume) -> ExternalResult:
     outside_box = int(np.count_nonzero(coarse)) - int(np.count_nonzero(
         coarse[k_box, box[1].start // step_c[0] : -(-box[1].stop // step_c[0]),
                box[2].start // step_c[1] : -(-box[2].stop // step_c[1])]))
-    excluded = int(np.count_nonzero(tissue)) - int(body.sum()) + max(0, outside_box) * step_c[0] * step_c[1]
+    excluded = int(np.count_nonzero(tissue)) - int(np.count_nonzero(body)) + max(0, outside_box) * step_c[0] * step_c[1]
     res = ExternalResult(mask, excluded_cc=excluded * voxel_cc, holes_filled_cc=holes * voxel_cc,
                          seconds=time.perf_counter() - t0)
     logger.info(
         "External: %.0f cc on %d of %d slices; %.0f cc of enclosed air put inside, %d specks dropped, %.0f cc of "
         "objects above %g HU left out (%.2f s)",
-        mask.sum() * voxel_cc, len(np.flatnonzero(mask.any(axis=(1, 2)))), shape[0], res.holes_filled_cc, specks,
+        np.count_nonzero(filled) * voxel_cc, int(np.count_nonzero(filled.any(axis=(1, 2)))), shape[0],
+        res.holes_filled_cc, specks,
         res.excluded_cc, BODY_HU, res.seconds,
     )
     return res
@@ -258,7 +259,7 @@ def check_external(volume: Volume, mask: np.ndarray) -> list[str]:
     fills holes), so it is tested, not checked at run time.
     """
     flags: list[str] = []
-    per_slice = mask.sum(axis=(1, 2))
+    per_slice = np.count_nonzero(mask, axis=(1, 2))
     occupied = np.flatnonzero(per_slice)
     if occupied.size == 0:
         return ["empty: no patient found above the body threshold"]
@@ -273,7 +274,7 @@ def check_external(volume: Volume, mask: np.ndarray) -> list[str]:
         flags.append(f"mean axial cross-section {mean_area:.0f} cm2 outside the plausible range {lo:g}-{hi:g} cm2")
     edge = np.zeros(mask.shape[0], float)
     for axis, sl, mm in ((1, 0, spacing[2]), (1, -1, spacing[2]), (2, 0, spacing[1]), (2, -1, spacing[1])):
-        edge += np.take(mask, sl, axis=axis).sum(axis=1) * float(mm)
+        edge += np.count_nonzero(np.take(mask, sl, axis=axis), axis=1) * float(mm)
     truncated = np.flatnonzero(edge > EDGE_CONTACT_MM)
     if truncated.size:
         flags.append(

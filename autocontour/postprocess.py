@@ -196,7 +196,7 @@ def clip_to_external(mask: np.ndarray, external: np.ndarray) -> tuple[np.ndarray
 
 def _external_result(volume: Volume) -> StructureResult:
     ext = external_mask(volume)
-    res = StructureResult(EXTERNAL, ext.mask, float(ext.mask.sum() * volume.voxel_volume_cc),
+    res = StructureResult(EXTERNAL, ext.mask, float(np.count_nonzero(ext.mask) * volume.voxel_volume_cc),
                           holes_filled_cc=ext.holes_filled_cc, excluded_cc=ext.excluded_cc)
     res.box = bounding_box(ext.mask)
     if res.box is not None:
