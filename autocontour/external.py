@@ -1,7 +1,7 @@
 """The External (body) contour: the patient's outer surface, from the CT alone.
 
 No model: a threshold, an in-plane opening, connected components and hole filling
-(SciPy), in four steps; tissue is ``HU > BODY_HU``:
+(SciPy), in four steps; tissue is ``HU > EXTERNAL_HU``:
 
 1. **Where the patient is**, on a coarse in-plane grid (about ``COARSE_MM`` per pixel,
    every slice kept): the largest 3-D connected component of the tissue after a one-pixel
@@ -23,7 +23,7 @@ No model: a threshold, an in-plane opening, connected components and hole fillin
    ``MIN_ISLAND_MM2`` (dots of the mask on the skin, joined to the patient only through
    another slice) are dropped, so the RTSTRUCT has no speck contours.
 
-``BODY_HU = -350`` is the usual body threshold of planning systems: fat (about -100 HU)
+``EXTERNAL_HU = -350`` is the usual body threshold of planning systems: fat (about -100 HU)
 and skin are above it, air (-1000), the foam of head rests and couch tops (about -900)
 and lung (-850) are below it (lung and airways are enclosed, so step 4 puts them inside).
 
@@ -48,13 +48,13 @@ from autocontour.volume import Volume
 logger = logging.getLogger(__name__)
 
 __all__ = [
-    "BODY_HU",
+    "EXTERNAL_HU",
     "ExternalResult",
     "check_external",
     "external_mask",
 ]
 
-BODY_HU = -350.0  # tissue above, air / foam / lung below
+EXTERNAL_HU = -350.0  # tissue above, air / foam / lung below (volume.BODY_HU, -400: any tissue or couch, for crops)
 COARSE_MM = 4.0  # in-plane pixel size for finding where the patient is (subsampled by whole pixels)
 MEDIUM_MM = 2.5  # in-plane pixel size for separating the patient from what touches it
 OPEN_MM = 2.5  # in-plane erosion radius that cuts thin links (mask, shells); the nose and chin survive it
@@ -77,7 +77,7 @@ class ExternalResult:
     """The External mask (k, j, i) and what was found on the way."""
 
     mask: np.ndarray
-    excluded_cc: float = 0.0  # about how much tissue-dense voxels (> BODY_HU) left out: couch, head rest, boards, mask
+    excluded_cc: float = 0.0  # about how much tissue-dense voxels (> EXTERNAL_HU) left out: couch, head rest, boards, mask
     holes_filled_cc: float = 0.0  # air enclosed by the patient, put inside
     seconds: float = 0.0
     flags: list[str] = field(default_factory=list)
@@ -198,10 +198,10 @@ def external_mask(volume: Volume) -> ExternalResult:
     # 1. where the patient is: the largest component of the coarse grid's tissue after a
     # COARSE_MM opening, grown back generously; only its bounding box is used
     step_c = _steps(spacing, COARSE_MM)
-    coarse = arr[:, :: step_c[0], :: step_c[1]] > BODY_HU
+    coarse = arr[:, :: step_c[0], :: step_c[1]] > EXTERNAL_HU
     core = _largest_component(_shift_op(coarse, (1, 1), grow=False), _SIX)
     if not core.any():
-        logger.warning("External: no patient found (nothing above %g HU survives a %g mm opening)", BODY_HU, COARSE_MM)
+        logger.warning("External: no patient found (nothing above %g HU survives a %g mm opening)", EXTERNAL_HU, COARSE_MM)
         return ExternalResult(np.zeros(shape, bool), seconds=time.perf_counter() - t0)
     box = _full_box(_shift_op(core, (3, 3), grow=True), step_c, shape)
 
@@ -210,7 +210,7 @@ def external_mask(volume: Volume) -> ExternalResult:
     # one pixel is the region where the skin is traced
     step = _steps(spacing, MEDIUM_MM)
     radius = tuple(max(1, int(round(OPEN_MM / (float(s) * f)))) for s, f in zip(spacing[1:], step))
-    medium = arr[box][:, :: step[0], :: step[1]] > BODY_HU
+    medium = arr[box][:, :: step[0], :: step[1]] > EXTERNAL_HU
     core = _largest_component(_shift_op(medium, radius, grow=False), _SIX)
     region = _shift_op(core, tuple(r + 1 for r in radius), grow=True)
     up = np.repeat(np.repeat(region, step[0], axis=1), step[1], axis=2)
@@ -218,7 +218,7 @@ def external_mask(volume: Volume) -> ExternalResult:
     up = up[:, :n_j, :n_i]
 
     # 3. the skin at full resolution: tissue in the region, one face-connected piece
-    tissue = arr[box] > BODY_HU
+    tissue = arr[box] > EXTERNAL_HU
     body = _largest_component(tissue & up, _SIX)
     k_box, j_box, i_box = box
 
@@ -241,7 +241,7 @@ def external_mask(volume: Volume) -> ExternalResult:
         "objects above %g HU left out (%.2f s)",
         np.count_nonzero(filled) * voxel_cc, int(np.count_nonzero(filled.any(axis=(1, 2)))), shape[0],
         res.holes_filled_cc, specks,
-        res.excluded_cc, BODY_HU, res.seconds,
+        res.excluded_cc, EXTERNAL_HU, res.seconds,
     )
     return res
 

@@ -19,7 +19,7 @@ from scipy import ndimage
 from skimage import measure, morphology
 
 from autocontour.ct_volume import build_volume
-from autocontour.external import BODY_HU, check_external, external_mask
+from autocontour.external import EXTERNAL_HU, check_external, external_mask
 from autocontour.series_selection import SelectionRules, scan_folder, select_series
 from autocontour.volume import Volume
 from conftest import ROOT, SHARED_DATA
@@ -91,7 +91,7 @@ def phantom() -> tuple[Volume, dict[str, np.ndarray]]:
 def test_phantom_external_is_the_patient_without_couch_or_mask():
     vol, truth = phantom()
     # the phantom is a real test: the patient, mask and couch are one connected object
-    naive = ndimage.label(vol.array > BODY_HU, structure=np.ones((3, 3, 3), bool))[0]
+    naive = ndimage.label(vol.array > EXTERNAL_HU, structure=np.ones((3, 3, 3), bool))[0]
     assert naive[10, 150, 130] == naive[10, int(np.flatnonzero(truth["couch"][10].any(axis=1))[0]), 130]
     res = external_mask(vol)
     ext = res.mask
@@ -194,7 +194,7 @@ def test_chus_external_is_one_piece_with_air_inside_and_no_couch(chus):
     assert np.array_equal(occupied, np.arange(occupied[0], occupied[-1] + 1))  # no gap
     # the couch: on every slice, the first row (from anterior) where more than half of the
     # columns are above the body threshold is the couch top; the External stays anterior to it
-    tissue = vol.array > BODY_HU
+    tissue = vol.array > EXTERNAL_HU
     wide = tissue.sum(axis=2) > 0.5 * vol.array.shape[2]  # (k, j)
     checked = 0
     for k in occupied:
@@ -258,7 +258,7 @@ def test_sample_external():
     res = external_mask(vol)
     ext = res.mask
     # the OpenKBP sample is air (-1024) outside the patient: the External is the tissue, holes filled
-    tissue = vol.array > BODY_HU
+    tissue = vol.array > EXTERNAL_HU
     assert ext[tissue].mean() > 0.99
     assert ndimage.label(ext, structure=np.ones((3, 3, 3), bool))[1] == 1
     assert check_external(vol, ext) == []

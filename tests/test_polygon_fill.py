@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 from skimage.draw import polygon as skimage_polygon
 
-from autocontour.rtstruct import fill_polygon, mask_to_contours
+from autocontour.readback import fill_polygon
+from autocontour.rtstruct import mask_to_contours
 
 
 def skimage_fill(r: np.ndarray, c: np.ndarray, shape: tuple[int, int]) -> np.ndarray:

@@ -13,7 +13,7 @@ from autocontour.postprocess import postprocess
 from autocontour.qa import QA_SERIES_DESCRIPTION, write_qa
 from autocontour.qa_render import QA_BANNER, render_pages
 from autocontour.secondary_capture import SECONDARY_CAPTURE_IMAGE_STORAGE, build_secondary_capture
-from autocontour.rtstruct import write_dataset
+from autocontour.dicom_elements import write_dataset
 from autocontour.series_selection import SelectionRules, scan_folder, select_series
 from autocontour.structures import structure
 from autocontour.volume import Volume
@@ -169,10 +169,11 @@ def test_chus_qa_series_passes_dciodvfy_and_references_the_study(tmp_path):
     vol = build_volume(select_series(scan_folder(CHUS_CT)[0], SelectionRules()))
     results = postprocess(vol, {})  # the External alone: enough for the sheet and fast
     series_uid = generate_uid()
-    staged, info = write_qa(vol, results, tmp_path, series_instance_uid=series_uid,
-                            algorithm_name="hn-autocontour", algorithm_version="test")
-    assert info["png"] == ["qa/qa_sheet.png"] and (tmp_path / "qa" / "qa_sheet.png").exists()
-    (name,) = info["secondary_capture"]["files"]
+    staged, written = write_qa(vol, results, tmp_path, series_instance_uid=series_uid,
+                               algorithm_name="hn-autocontour", algorithm_version="test")
+    assert written.png == ["qa/qa_sheet.png"] and (tmp_path / "qa" / "qa_sheet.png").exists()
+    assert written.secondary_capture.series_instance_uid == series_uid
+    (name,) = written.secondary_capture.files
     assert set(staged) == {"qa/qa_sheet.png", name}
     check_dciodvfy(staged[name], sorted(CHUS_CT.iterdir())[0], "SCImage")
     sc = pydicom.dcmread(staged[name])
