@@ -153,13 +153,13 @@ def independent_body(arr: np.ndarray, spacing_mm: float) -> np.ndarray:
     out = np.zeros(arr.shape, bool)
     for k in range(arr.shape[0]):
         t = arr[k] > -500
-        opened = morphology.binary_opening(t, disc)
+        opened = morphology.opening(t, disc)
         if not opened.any():
             continue
         labels = measure.label(opened, connectivity=1)
         depth = ndimage.distance_transform_edt(opened)
         patient = labels == labels.flat[int(np.argmax(depth))]
-        patient = morphology.binary_dilation(patient, morphology.disk(radius + 1)) & t
+        patient = morphology.dilation(patient, morphology.disk(radius + 1)) & t
         out[k] = ndimage.binary_fill_holes(patient)
     return out
 
