@@ -1,6 +1,6 @@
 """Head-and-neck auto-contouring MAP: DICOM CT in, DICOM-SEG + RTSTRUCT + report.json out.
 
-    python app.py -i INPUT -o OUTPUT [-m MODELS] [-w WORKDIR] [--backend auto|tensorrt|cuda|cpu]
+    python app.py -i INPUT -o OUTPUT [-m MODELS] [-w WORKDIR] [--backend auto|tensorrt|cuda|cpu] [--no-qa]
 
 Paths default to HOLOSCAN_INPUT_PATH / HOLOSCAN_OUTPUT_PATH / HOLOSCAN_MODEL_PATH /
 HOLOSCAN_WORKDIR, then to ``input``, ``output``, this repo's ``models/`` and OUTPUT's
@@ -9,7 +9,8 @@ staging folder.  Exit codes: see ``autocontour.errors`` (0 = contours written).
 Graph::
 
     SeriesSelector -> CTVolume -+-> Segmentation[hn_oar]    -+-> Postprocess -+-> DicomSegWriter  -+-> Report
-                                +-> Segmentation[hn_target] -+                +-> RtstructWriter  -+
+                                +-> Segmentation[hn_target] -+  (+External)   +-> RtstructWriter  -+
+                                                                              +-> QA (PNG + SC)   -+  (not with --no-qa)
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ from autocontour.errors import AutoContourError, InputError  # noqa: E402
 from autocontour.gpu import GpuMonitor  # noqa: E402
 from autocontour.model_config import load_models  # noqa: E402
 from autocontour.output import discard, prepare_staging  # noqa: E402
+from autocontour.qa import QA_SERIES_DESCRIPTION  # noqa: E402
 from autocontour.run_record import ModelUsed, RunRecord  # noqa: E402
 from autocontour.segmenter import Segmenter, open_segmenters  # noqa: E402
 from autocontour.series_selection import DEFAULT_RULES_PATH, SelectionRules  # noqa: E402
@@ -53,6 +55,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--backend", default=env.get("AUTOCONTOUR_BACKEND", "auto"), help="auto, tensorrt, cuda or cpu")
     ap.add_argument("--workers", type=int, default=int(env.get("AUTOCONTOUR_WORKERS", "2")),
                     help="graph worker threads (1: one operator at a time; default 2)")
+    ap.add_argument("--no-qa", action="store_true",
+                    help="skip the QA pictures (OUTPUT/qa/*.png and the Secondary Capture series)")
     ap.add_argument("--rules", type=Path, default=DEFAULT_RULES_PATH, help="series selection rules (YAML)")
     ap.add_argument("-l", "--log-level", default=env.get("AUTOCONTOUR_LOG_LEVEL", "INFO"))
     return ap.parse_args(argv)
@@ -67,6 +71,7 @@ def build_app(args: argparse.Namespace, record: RunRecord, segmenters: list[Segm
         CTVolumeOperator,
         DicomSegWriterOperator,
         PostprocessOperator,
+        QaOperator,
         ReportOperator,
         RtstructWriterOperator,
         SegmentationOperator,
@@ -86,7 +91,8 @@ def build_app(args: argparse.Namespace, record: RunRecord, segmenters: list[Segm
                              series_description=SERIES_DESCRIPTION)
             seg = DicomSegWriterOperator(self, name="seg_writer", **writer_kw)
             rts = RtstructWriterOperator(self, name="rtstruct_writer", **writer_kw)
-            report = ReportOperator(self, record=record, name="report")
+            qa = None if args.no_qa else QaOperator(self, name="qa", **{**writer_kw, "series_description": QA_SERIES_DESCRIPTION})
+            report = ReportOperator(self, record=record, with_qa=qa is not None, name="report")
 
             self.add_flow(select, volume, {(select.OUT_SERIES, volume.IN_SERIES)})
             self.add_flow(volume, post, {(volume.OUT_VOLUME, post.IN_VOLUME)})
@@ -94,12 +100,14 @@ def build_app(args: argparse.Namespace, record: RunRecord, segmenters: list[Segm
                 branch = SegmentationOperator(self, segmenter=segmenter, record=record, name=f"seg_{segmenter.name}")
                 self.add_flow(volume, branch, {(volume.OUT_VOLUME, branch.IN_VOLUME)})
                 self.add_flow(branch, post, {(branch.OUT_MASKS, post.in_masks(segmenter.name))})
-            for writer in (seg, rts):
+            for writer in (seg, rts) + ((qa,) if qa is not None else ()):
                 self.add_flow(volume, writer, {(volume.OUT_VOLUME, writer.IN_VOLUME)})
                 self.add_flow(post, writer, {(post.OUT_STRUCTURES, writer.IN_STRUCTURES)})
             self.add_flow(post, report, {(post.OUT_STRUCTURES, report.IN_STRUCTURES)})
             self.add_flow(seg, report, {(seg.OUT_DONE, report.IN_SEG)})
             self.add_flow(rts, report, {(rts.OUT_DONE, report.IN_RTSTRUCT)})
+            if qa is not None:
+                self.add_flow(qa, report, {(qa.OUT_DONE, report.IN_QA)})
 
     app = AutoContourApp()
     if args.workers > 1:

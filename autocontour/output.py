@@ -40,15 +40,24 @@ def prepare_staging(output_dir: Path) -> Path:
 
 def commit(staged: dict[str, Path], output_dir: Path, staging: Path) -> list[Path]:
     """Rename staged files into OUTPUT (in the given order) and remove the staging folder."""
-    done = []
+    done: list[Path] = []
+    made: list[Path] = []
     try:
         for name, path in staged.items():
             target = Path(output_dir) / name
+            if target.parent != Path(output_dir) and not target.parent.is_dir():
+                target.parent.mkdir(parents=True)  # e.g. OUTPUT/qa/
+                made.append(target.parent)
             os.replace(path, target)
             done.append(target)
     except OSError as exc:
         for p in done:  # no partial output
             p.unlink(missing_ok=True)
+        for d in reversed(made):
+            try:
+                d.rmdir()
+            except OSError:
+                pass
         raise OutputError(
             f"could not move results into {output_dir}: {exc} - check the output folder's free space and permissions"
         ) from None

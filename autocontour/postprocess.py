@@ -1,25 +1,34 @@
 """Clinical-constraint post-processing driven by the structure table.
 
-Per structure: drop connected components below ``min_component_cc``, keep at most
-``max_components`` of the largest, fill enclosed holes slice by slice, then check the
-result (laterality, plausible volume).  Every removal is logged and counted in the
-report; checks only raise flags, they never change the mask.
+First the External (the patient's outer surface, ``autocontour.external``), computed
+from the CT; every target (GTV/CTV/ITV/PTV) is clipped to it, so no target voxel lies
+outside the patient (counted and logged).  Then per structure: drop connected
+components below ``min_component_cc``, keep at most ``max_components`` of the largest,
+and of those only the clinically plausible ones (the stray-component rule,
+``StructureDefinition``), fill enclosed holes slice by slice, then check the result
+(laterality, plausible volume; the External has its own check).  Every removal is
+logged and counted in the report; checks only raise flags, they never change the mask.
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
 from scipy import ndimage
+from scipy.spatial import cKDTree
 
-from autocontour.structures import Laterality, StructureDefinition, structure
+from autocontour.external import check_external, external_mask
+from autocontour.structures import EXTERNAL, Laterality, StructureDefinition, structure
 from autocontour.volume import BODY_HU, Volume
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["StructureResult", "bounding_box", "postprocess", "postprocess_structure", "laterality_flag"]
+__all__ = [
+    "StructureResult", "bounding_box", "clip_to_external", "postprocess", "postprocess_structure", "laterality_flag",
+]
 
 # 26-connectivity: touching at a corner is one component.
 _CONNECTIVITY = np.ones((3, 3, 3), bool)
@@ -33,6 +42,9 @@ class StructureResult:
     components_removed: int = 0
     removed_cc: float = 0.0
     holes_filled_cc: float = 0.0
+    clipped_cc: float = 0.0  # target volume outside the External, removed
+    removals: list[str] = field(default_factory=list)  # one line per removed component, with the reason
+    excluded_cc: float = 0.0  # External only: objects above the body threshold left out (couch, head rest...)
     centroid_lps: tuple[float, float, float] | None = None
     flags: list[str] = field(default_factory=list)
     box: tuple[slice, ...] | None = None  # bounding box of the final mask (k, j, i)
@@ -80,8 +92,32 @@ def bounding_box(mask: np.ndarray) -> tuple[slice, ...] | None:
     return tuple(box)
 
 
-def postprocess_structure(mask: np.ndarray, defn: StructureDefinition, voxel_cc: float) -> StructureResult:
-    """Apply the table's component and hole rules to one mask (k, j, i)."""
+def _gap_mm(labels: np.ndarray, main: int, other: int, spacing_mm: np.ndarray, limit_mm: float) -> float:
+    """Smallest distance (mm, voxel centre to voxel centre) between components ``main`` and
+    ``other`` of ``labels``; ``inf`` when it exceeds ``limit_mm``.
+
+    Only ``main``'s voxels within ``limit_mm`` of ``other``'s bounding box are considered.
+    """
+    idx = np.argwhere(labels == other)
+    margin = np.ceil(limit_mm / spacing_mm).astype(int) + 1
+    lo = np.maximum(idx.min(0) - margin, 0)
+    hi = idx.max(0) + margin + 1
+    near = np.argwhere(labels[lo[0] : hi[0], lo[1] : hi[1], lo[2] : hi[2]] == main) + lo
+    if near.size == 0:
+        return float("inf")
+    dist, _ = cKDTree(near * spacing_mm).query(idx * spacing_mm, k=1)
+    gap = float(dist.min())
+    return gap if gap <= limit_mm else float("inf")
+
+
+def postprocess_structure(
+    mask: np.ndarray, defn: StructureDefinition, voxel_cc: float, spacing_mm: Sequence[float] | None = None
+) -> StructureResult:
+    """Apply the table's component and hole rules to one mask (k, j, i).
+
+    ``spacing_mm`` (k, j, i) is needed when a small secondary component must be judged
+    by its distance to the largest (``StructureDefinition`` explains the rule).
+    """
     res = StructureResult(defn.name, mask, 0.0)
     box = bounding_box(mask)
     if box is not None:
@@ -89,16 +125,45 @@ def postprocess_structure(mask: np.ndarray, defn: StructureDefinition, voxel_cc:
         sub = mask[box]
         lab, n = ndimage.label(sub, structure=_CONNECTIVITY)
         if n:
-            sizes = np.bincount(lab.ravel())[1:] * voxel_cc
+            counts = np.bincount(lab.ravel())[1:]
+            sizes = counts * voxel_cc
             order = np.argsort(sizes)[::-1]
-            keep = [i for i in order[: defn.max_components] if sizes[i] >= defn.min_component_cc]
-            removed = [i for i in range(n) if i not in keep]
-            if removed:
+            keep = [int(i) for i in order[: defn.max_components] if sizes[i] >= defn.min_component_cc]
+            reasons = {
+                int(i): f"{sizes[i]:.2f} cc: "
+                + (f"below {defn.min_component_cc:g} cc" if sizes[i] < defn.min_component_cc
+                   else f"beyond the {defn.max_components} largest")
+                for i in range(n) if i not in keep
+            }
+            if len(keep) > 1:  # the stray-component rule
+                largest = keep[0]
+                for i in keep[1:]:
+                    fraction = counts[i] / counts[largest]
+                    if fraction >= defn.secondary_min_fraction:
+                        continue
+                    if spacing_mm is None:
+                        raise ValueError(f"{defn.name}: spacing_mm is needed to judge a secondary component's distance")
+                    gap = _gap_mm(lab, largest + 1, i + 1, np.asarray(spacing_mm, float), defn.secondary_max_gap_mm)
+                    if gap <= defn.secondary_max_gap_mm:
+                        continue
+                    reasons[i] = (
+                        f"{sizes[i]:.2f} cc stray component: {100 * fraction:.1f} % of the largest "
+                        f"(< {100 * defn.secondary_min_fraction:g} %) and more than {defn.secondary_max_gap_mm:g} mm "
+                        "from it"
+                    )
+                keep = [i for i in keep if i not in reasons]
+            if reasons:
+                removed = sorted(reasons)
                 res.components_removed = len(removed)
                 res.removed_cc = float(sizes[removed].sum())
+                res.removals = [reasons[i] for i in sorted(reasons, key=lambda i: -sizes[i])]
+                for line in res.removals:
+                    logger.info("%s: removed a component, %s", defn.name, line)
                 logger.info(
-                    "%s: removed %d component(s), %.2f cc (rule: keep %d largest >= %.2f cc)",
+                    "%s: removed %d component(s), %.2f cc (rule: keep %d largest >= %.2f cc, secondary ones "
+                    ">= %g %% of the largest or within %g mm)",
                     defn.name, len(removed), res.removed_cc, defn.max_components, defn.min_component_cc,
+                    100 * defn.secondary_min_fraction, defn.secondary_max_gap_mm,
                 )
             sub = np.isin(lab, np.array(keep) + 1)
             if defn.fill_holes:
@@ -115,20 +180,72 @@ def postprocess_structure(mask: np.ndarray, defn: StructureDefinition, voxel_cc:
     return res
 
 
-def postprocess(volume: Volume, masks: dict[str, np.ndarray]) -> dict[str, StructureResult]:
-    """Post-process every structure and attach flags (laterality, volume range, empty)."""
+def clip_to_external(mask: np.ndarray, external: np.ndarray) -> tuple[np.ndarray, int]:
+    """``mask`` without its voxels outside ``external``, and how many were removed."""
+    box = bounding_box(mask)
+    if box is None:
+        return mask, 0
+    outside = mask[box] & ~external[box]
+    n = int(np.count_nonzero(outside))
+    if n == 0:
+        return mask, 0
+    clipped = mask.copy()
+    clipped[box] &= ~outside
+    return clipped, n
+
+
+def _external_result(volume: Volume) -> StructureResult:
+    ext = external_mask(volume)
+    res = StructureResult(EXTERNAL, ext.mask, float(np.count_nonzero(ext.mask) * volume.voxel_volume_cc),
+                          holes_filled_cc=ext.holes_filled_cc, excluded_cc=ext.excluded_cc)
+    res.box = bounding_box(ext.mask)
+    if res.box is not None:
+        sub = ext.mask[res.box]
+        # centre from every 2nd voxel in-plane (plenty for a body's centre)
+        res.centroid_index = np.array(ndimage.center_of_mass(sub[:, ::2, ::2])) * [1, 2, 2] + [
+            b.start for b in res.box
+        ]
+    res.flags.extend(check_external(volume, ext.mask))
+    return res
+
+
+def postprocess(
+    volume: Volume, masks: dict[str, np.ndarray], *, external: bool = True
+) -> dict[str, StructureResult]:
+    """The External (when ``external``), then every structure; flags attached.
+
+    Returns ``{name: StructureResult}``: ``External`` first, then ``masks``' order.
+    Targets are clipped to the External (unless it is empty: then nothing is clipped and
+    the External is flagged).
+    """
     voxel_cc = volume.voxel_volume_cc
-    results = {}
-    # midline: x of the body's centre of mass (the patient's own midline, not the image centre),
-    # from every 4th voxel in each axis (plenty for a centre of mass)
-    step = 4
-    body = volume.array[::step, ::step, ::step] > BODY_HU
-    midline_x = (
-        float(volume.index_to_lps(np.array(ndimage.center_of_mass(body))[None] * step)[0, 0]) if body.any() else 0.0
-    )
+    results: dict[str, StructureResult] = {}
+    body_mask = None
+    if external:
+        ext = _external_result(volume)
+        results[EXTERNAL] = ext
+        if ext.volume_cc:
+            body_mask = ext.mask
+    if body_mask is not None:
+        # midline: x of the External's centre of mass (the patient's own midline, couch left out)
+        midline_x = float(volume.index_to_lps(results[EXTERNAL].centroid_index[None])[0, 0])
+    else:
+        # midline: x of the body's centre of mass (the patient's own midline, not the image centre),
+        # from every 4th voxel in each axis (plenty for a centre of mass)
+        step = 4
+        body = volume.array[::step, ::step, ::step] > BODY_HU
+        midline_x = (
+            float(volume.index_to_lps(np.array(ndimage.center_of_mass(body))[None] * step)[0, 0]) if body.any() else 0.0
+        )
     for name, mask in masks.items():
         defn = structure(name)
-        res = postprocess_structure(mask, defn, voxel_cc)
+        clipped = 0
+        if body_mask is not None and defn.is_target:
+            mask, clipped = clip_to_external(mask, body_mask)
+            if clipped:
+                logger.info("%s: %d voxels (%.2f cc) outside the External clipped", name, clipped, clipped * voxel_cc)
+        res = postprocess_structure(mask, defn, voxel_cc, volume.spacing)
+        res.clipped_cc = clipped * voxel_cc
         if res.volume_cc == 0:
             res.flags.append("empty: structure not found")
         else:
@@ -140,7 +257,12 @@ def postprocess(volume: Volume, masks: dict[str, np.ndarray]) -> dict[str, Struc
             lo, hi = defn.volume_range_cc
             if not lo <= res.volume_cc <= hi:
                 res.flags.append(f"volume {res.volume_cc:.1f} cc outside the plausible range {lo}-{hi} cc")
+        results[name] = res
+    if EXTERNAL in results:
+        ext = results[EXTERNAL]
+        if ext.centroid_index is not None:
+            ext.centroid_lps = tuple(round(float(v), 2) for v in volume.index_to_lps(ext.centroid_index[None])[0])
+    for name, res in results.items():
         for f in res.flags:
             logger.warning("%s: %s", name, f)
-        results[name] = res
     return results

@@ -32,7 +32,6 @@ from typing import TYPE_CHECKING
 import numpy as np
 import pydicom
 from pydicom.dataset import Dataset
-from skimage.draw import polygon as fill_polygon
 
 from autocontour.dicom_seg import SEG_STORAGE_UIDS
 from autocontour.errors import GeometryError
@@ -43,7 +42,9 @@ if TYPE_CHECKING:  # highdicom is imported by the SEG reader only, when it is fi
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["OffSliceContour", "rtstruct_contours", "contours_to_mask", "rasterise_rtstruct", "read_seg_masks"]
+__all__ = [
+    "OffSliceContour", "rtstruct_contours", "contours_to_mask", "fill_polygon", "rasterise_rtstruct", "read_seg_masks",
+]
 
 
 # --------------------------------------------------------------------------- RTSTRUCT
@@ -115,6 +116,49 @@ def rtstruct_contours(
     return by_roi, left_out
 
 
+def fill_polygon(rows: np.ndarray, cols: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
+    """Pixels whose centre lies inside the closed polygon (``rows``, ``cols``), by scanlines.
+
+    The same pixels as ``skimage.draw.polygon`` (a point-in-polygon test per pixel of the
+    polygon's bounding box, ~1 s for a 600-point body outline on a 512 x 512 slice), in
+    O(edges x rows): each edge crosses the pixel-centre rows ``y`` with
+    ``min(r0, r1) <= y < max(r0, r1)`` (half-open, so a vertex on a row counts once), the
+    crossings of a row are sorted and paired, and the centres strictly between a pair are
+    inside.  Centres exactly on an edge are ambiguous for any fill; marching-squares
+    outlines (``mask_to_contours``) never pass through one.
+    """
+    n_rows, n_cols = shape
+    r0 = np.asarray(rows, float)
+    c0 = np.asarray(cols, float)
+    r1, c1 = np.roll(r0, -1), np.roll(c0, -1)
+    lo, hi = np.minimum(r0, r1), np.maximum(r0, r1)
+    first = np.maximum(np.ceil(lo), 0).astype(np.int64)  # first row y >= lo
+    stop = np.minimum(np.ceil(hi), n_rows).astype(np.int64)  # rows y < hi
+    count = np.maximum(stop - first, 0)
+    out = np.zeros(shape, bool)
+    if count.sum() == 0:
+        return out
+    edge = np.repeat(np.arange(len(r0)), count)
+    y = np.repeat(first, count) + (np.arange(count.sum()) - np.repeat(np.cumsum(count) - count, count))
+    x = c0[edge] + (y - r0[edge]) * (c1[edge] - c0[edge]) / (r1[edge] - r0[edge])
+    order = np.lexsort((x, y))
+    y, x = y[order], x[order]
+    # a polygon closed within the rows crosses each row an even number of times; rows cut by
+    # the image's top or bottom edge are complete too (all of a row's crossings are kept)
+    start = np.clip(np.floor(x[0::2]).astype(np.int64) + 1, 0, n_cols)
+    end = np.clip(np.ceil(x[1::2]).astype(np.int64), 0, n_cols)
+    keep = end > start
+    if not keep.any():
+        return out
+    row, start, end = y[0::2][keep], start[keep], end[keep]
+    r_lo, r_hi, c_lo, c_hi = int(row.min()), int(row.max()) + 1, int(start.min()), int(end.max())
+    marks = np.zeros((r_hi - r_lo, c_hi - c_lo + 1), np.int32)  # the filled spans' bounding box only
+    np.add.at(marks, (row - r_lo, start - c_lo), 1)
+    np.add.at(marks, (row - r_lo, end - c_lo), -1)
+    out[r_lo:r_hi, c_lo:c_hi] = np.cumsum(marks, axis=1)[:, :-1] > 0
+    return out
+
+
 def contours_to_mask(
     contours_by_k: Mapping[int, Sequence[np.ndarray]], shape: tuple[int, int, int], affine: np.ndarray
 ) -> np.ndarray:
@@ -133,8 +177,7 @@ def contours_to_mask(
     for k, contours in contours_by_k.items():
         for points in contours:
             kji = np.asarray(points, dtype=float) @ inverse[:3, :3].T + inverse[:3, 3]
-            rr, cc = fill_polygon(kji[:, 1], kji[:, 2], shape=shape[1:])
-            mask[k, rr, cc] ^= True
+            mask[k] ^= fill_polygon(kji[:, 1], kji[:, 2], shape[1:])
     return mask
 
 

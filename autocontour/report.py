@@ -10,7 +10,7 @@ from autocontour import APP_NAME, __version__
 from autocontour.gpu import gpu_snapshot
 from autocontour.postprocess import StructureResult
 from autocontour.run_record import RunRecord
-from autocontour.structures import structure
+from autocontour.structures import EXTERNAL, structure
 
 __all__ = ["build_report", "REPORT_SCHEMA_VERSION"]
 
@@ -30,6 +30,9 @@ def build_report(record: RunRecord, results: dict[str, StructureResult]) -> dict
                 "components_removed": r.components_removed,
                 "removed_cc": round(r.removed_cc, 3),
                 "holes_filled_cc": round(r.holes_filled_cc, 3),
+                "outside_external_clipped_cc": round(r.clipped_cc, 3),
+                "removed_components": r.removals,
+                **({"objects_left_out_cc": round(r.excluded_cc, 1)} if name == EXTERNAL else {}),
                 "flags": r.flags,
             }
         )
@@ -44,7 +47,11 @@ def build_report(record: RunRecord, results: dict[str, StructureResult]) -> dict
             **(asdict(record.volume) if record.volume is not None else {}),
         },
         "models": [asdict(m) for m in record.models],
-        "outputs": {k: asdict(f) for k, f in (("seg", record.seg), ("rtstruct", record.rtstruct)) if f is not None},
+        "outputs": {
+            k: asdict(f)
+            for k, f in (("seg", record.seg), ("rtstruct", record.rtstruct), ("qa", record.qa))
+            if f is not None
+        },
         "structures": structures,
         "flags": [f"{s['name']}: {f}" for s in structures for f in s["flags"]],
         # wall seconds per stage; with graph_workers > 1 the model branches (and the two

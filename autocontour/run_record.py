@@ -15,7 +15,10 @@ from pathlib import Path
 
 from autocontour.gpu import GpuMonitor
 
-__all__ = ["CandidateSeries", "ModelUsed", "OutputFile", "RunRecord", "SeriesChoice", "VolumeGeometry"]
+__all__ = [
+    "CandidateSeries", "ModelUsed", "OutputFile", "QaOutput", "RunRecord", "SecondaryCaptureSeries", "SeriesChoice",
+    "VolumeGeometry",
+]
 
 
 @dataclass(frozen=True)
@@ -68,6 +71,22 @@ class OutputFile:
     series_instance_uid: str
 
 
+@dataclass(frozen=True)
+class SecondaryCaptureSeries:
+    """A Secondary Capture series the run wrote (file names in OUTPUT, one per page)."""
+
+    series_instance_uid: str
+    files: list[str]
+
+
+@dataclass(frozen=True)
+class QaOutput:
+    """The QA sheet: PNG pages (names in OUTPUT, under qa/) and the same pages as Secondary Capture."""
+
+    png: list[str]
+    secondary_capture: SecondaryCaptureSeries
+
+
 @dataclass
 class RunRecord:
     """Shared by the operators of one run: stage timings, choices, outputs (staged paths)."""
@@ -83,6 +102,7 @@ class RunRecord:
     volume: VolumeGeometry | None = None
     seg: OutputFile | None = None
     rtstruct: OutputFile | None = None
+    qa: QaOutput | None = None  # None with --no-qa
     staged_files: dict[str, Path] = field(default_factory=dict)  # final name -> staged path
     gpu_monitor: GpuMonitor | None = None  # sampling while a GPU backend runs
 

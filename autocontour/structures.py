@@ -10,7 +10,9 @@ import re
 from dataclasses import dataclass
 from enum import Enum
 
-__all__ = ["Code", "Laterality", "StructureDefinition", "STRUCTURES", "structure", "mirror_partner"]
+__all__ = [
+    "Code", "Laterality", "StructureDefinition", "STRUCTURES", "EXTERNAL", "TARGET_TYPES", "structure", "mirror_partner",
+]
 
 
 class Laterality(str, Enum):
@@ -31,6 +33,11 @@ MORPHOLOGICALLY_ALTERED = Code("49755003", "SCT", "Morphologically Altered Struc
 LEFT = Code("7771000", "SCT", "Left")
 RIGHT = Code("24028007", "SCT", "Right")
 
+ENTIRE_BODY = Code("38266002", "SCT", "Entire body")
+# RTROIInterpretedType values of targets (clipped to the External)
+TARGET_TYPES = frozenset({"GTV", "CTV", "ITV", "PTV"})
+EXTERNAL = "External"  # TG-263 name of the body contour, computed from the CT (autocontour.external)
+
 _TG263 = re.compile(r"^[A-Za-z][A-Za-z0-9_^~]{0,15}$")
 
 
@@ -39,7 +46,24 @@ class StructureDefinition:
     """One output structure.
 
     ``min_component_cc`` drops connected components smaller than that (specks);
-    ``max_components`` keeps at most that many of the largest components;
+    ``max_components`` keeps at most that many of the largest components; organs keep
+    one.
+
+    Stray components (structures allowed more than one): a component other than the
+    largest is kept only when it is a clinically plausible part of the structure, that
+    is when it is at least ``secondary_min_fraction`` of the largest component's volume
+    **or** its nearest voxel lies within ``secondary_max_gap_mm`` of the largest
+    component; otherwise it is removed, logged and counted.  For ``PTV_High`` (10 %,
+    30 mm): a second high-dose target is a nodal level (or a contralateral node) with its
+    own CTV and PTV margins, so it is either substantial (a level II-IV nodal PTV is tens
+    of cc, >= 10 % of a typical 150-700 cc primary PTV) or lies along the same jugular
+    chain next to the primary PTV (adjacent nodal levels are contiguous; 30 mm bridges a
+    skipped level, about one level's cranio-caudal height).  A piece that is both small
+    and far is not a target: on hn-chus-052 the model's 1.4 cc piece inside the brain is
+    0.2 % of the 644 cc PTV and 68 mm from it, on the bundled sample a 51 cc piece in the
+    left shoulder is 8 % and 98 mm away; both go.  Only the *gap* is measured (nearest
+    voxels, in mm, from the CT's spacing), so a long primary PTV does not make its own
+    nodes look far.
     ``volume_range_cc`` is the plausible volume range (2.5th-97.5th percentile of the
     OpenKBP training contours, low / 1.5 and high * 1.5, from ``python -m
     training.volume_stats``); a volume outside it is flagged, never changed.
@@ -54,6 +78,8 @@ class StructureDefinition:
     laterality: Laterality = Laterality.NONE
     min_component_cc: float = 0.1
     max_components: int = 1
+    secondary_min_fraction: float = 0.10
+    secondary_max_gap_mm: float = 30.0
     fill_holes: bool = True
     volume_range_cc: tuple[float, float] = (0.0, float("inf"))
 
@@ -66,6 +92,11 @@ class StructureDefinition:
             raise ValueError(f"{self.name}: max_components must be >= 1")
 
     @property
+    def is_target(self) -> bool:
+        """GTV/CTV/ITV/PTV: clipped to the External (no target voxel outside the patient)."""
+        return self.rt_roi_interpreted_type in TARGET_TYPES
+
+    @property
     def laterality_code(self) -> Code | None:
         return {Laterality.LEFT: LEFT, Laterality.RIGHT: RIGHT}.get(self.laterality)
 
@@ -75,6 +106,11 @@ def _organ(name: str, code: str, meaning: str, rgb: tuple[int, int, int], **kw) 
 
 
 STRUCTURES: tuple[StructureDefinition, ...] = (
+    # the patient's outer surface, from the CT (autocontour.external: threshold, opening,
+    # components, holes); one component by construction, its own checks
+    # (autocontour.external.check_external) instead of a volume range
+    StructureDefinition(EXTERNAL, "EXTERNAL", (127, 255, 0), ANATOMICAL_STRUCTURE, ENTIRE_BODY,
+                        min_component_cc=0.0, fill_holes=False),
     _organ("Brainstem", "15926001", "Brainstem", (0, 200, 255), volume_range_cc=(5.8, 62.5)),
     _organ("SpinalCord", "2748008", "Spinal cord", (255, 255, 0), volume_range_cc=(8.0, 67.8)),
     _organ(

@@ -377,6 +377,7 @@ def _stage_rows(ours_runs: list[dict], stock_runs: list[dict], model_names: list
         ("post-processing", med(ours_runs, "postprocess"), None),
         ("write DICOM-SEG", med(ours_runs, "write_seg"), med(stock_runs, *[f"write_seg_{m}" for m in model_names])),
         ("write RTSTRUCT", med(ours_runs, "write_rtstruct"), None),
+        ("QA sheet (PNG + Secondary Capture)", med(ours_runs, "write_qa"), None),
         ("in-graph total (as the app reports it)", med(ours_runs, "total_in_graph"), med(stock_runs, "total_in_graph")),
     ]
     return rows

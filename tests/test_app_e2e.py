@@ -11,6 +11,8 @@ from pathlib import Path
 import numpy as np
 import pydicom
 import pytest
+from PIL import Image
+from scipy import ndimage
 
 from autocontour.readback import rasterise_rtstruct, read_seg_masks
 from autocontour.series_selection import SelectionRules, scan_folder, select_series
@@ -56,12 +58,15 @@ def test_real_ct_writes_seg_rtstruct_and_report(chus_run):
     proc, out, volume = chus_run
     assert proc.returncode == 0, proc.stderr[-3000:]
     seg, rts, report = outputs(out)
-    assert sorted(p.name for p in out.iterdir()) == sorted([seg.name, rts.name, "report.json"])  # no staging left
+    qa = report["outputs"]["qa"]
+    listed = [seg.name, rts.name, "report.json", *qa["secondary_capture"]["files"], "qa"]
+    assert sorted(p.name for p in out.iterdir()) == sorted(listed)  # no staging left
+    assert sorted(f"qa/{p.name}" for p in (out / "qa").iterdir()) == sorted(qa["png"]) == ["qa/qa_sheet.png"]
     assert report["input"]["chosen"] == volume.series_instance_uid
     assert {m["name"] for m in report["models"]} == {"hn_oar", "hn_target"}
     assert all(m["backend"] == "cpu" for m in report["models"])
     assert set(report["seconds"]) >= {"load", "select", "convert", "inference_hn_oar", "inference_hn_target",
-                                      "postprocess", "write_seg", "write_rtstruct"}
+                                      "postprocess", "write_seg", "write_rtstruct", "write_qa"}
 
 
 def test_outputs_reference_the_input_series_and_frame_of_reference(chus_run):
@@ -110,6 +115,62 @@ def test_rtstruct_agrees_with_seg_and_lies_inside_the_ct(chus_run):
     by_name = {s["name"]: s for s in report["structures"]}
     for name in ("Parotid_L", "Parotid_R"):
         assert not any("laterality" in f for f in by_name[name]["flags"]), by_name[name]
+
+
+def test_real_ct_external_in_both_objects_targets_inside_no_stray_piece(chus_run):
+    _, out, volume = chus_run
+    seg_path, rts_path, report = outputs(out)
+    rts = pydicom.dcmread(rts_path)
+    kinds = {str(o.ReferencedROINumber): str(o.RTROIInterpretedType) for o in rts.RTROIObservationsSequence}
+    names = {str(r.ROINumber): str(r.ROIName) for r in rts.StructureSetROISequence}
+    assert [n for k, n in names.items() if kinds[k] == "EXTERNAL"] == ["External"]
+    seg_masks = read_seg_masks(pydicom.dcmread(seg_path), volume)
+    rts_masks = rasterise_rtstruct(rts, volume)
+    ext = seg_masks["External"]
+    assert np.array_equal(ext, rts_masks["External"])  # marching squares + even-odd: exact
+    # every slice that holds the patient (External from the first to the last occupied slice, no gap)
+    occupied = np.flatnonzero(ext.any(axis=(1, 2)))
+    assert occupied.size >= 120 and np.array_equal(occupied, np.arange(occupied[0], occupied[-1] + 1))
+    by_name = {s["name"]: s for s in report["structures"]}
+    assert by_name["External"]["rt_roi_interpreted_type"] == "EXTERNAL" and not by_name["External"]["flags"]
+    # no target voxel outside the External
+    assert not (seg_masks["PTV_High"] & ~ext).any()
+    # the stray PTV piece inside the brain (centre about (-3, 17, -147) mm LPS, 68 mm above
+    # the neck PTV) is gone, counted and explained
+    k, j, i = np.rint(volume.lps_to_index(np.array([[-3.0, 17.0, -147.0]]))[0]).astype(int)
+    assert not seg_masks["PTV_High"][k - 5 : k + 6, j - 15 : j + 16, i - 15 : i + 16].any()
+    assert by_name["PTV_High"]["components_removed"] == 1
+    assert "stray component" in by_name["PTV_High"]["removed_components"][0]
+    labels, n = ndimage.label(seg_masks["PTV_High"], structure=np.ones((3, 3, 3), bool))
+    assert n == 1
+    for name in ("Brainstem", "SpinalCord", "Parotid_L", "Parotid_R", "Larynx", "Bone_Mandible"):
+        assert ndimage.label(seg_masks[name], structure=np.ones((3, 3, 3), bool))[1] == 1, name
+
+
+def test_real_ct_qa_secondary_capture_is_in_the_study_and_references_the_ct(chus_run):
+    _, out, volume = chus_run
+    _, _, report = outputs(out)
+    sc_files = report["outputs"]["qa"]["secondary_capture"]["files"]
+    assert len(sc_files) == 1
+    sc = pydicom.dcmread(out / sc_files[0])
+    assert sc.SOPClassUID == "1.2.840.10008.5.1.4.1.1.7"
+    assert sc.StudyInstanceUID == volume.study_instance_uid and sc.PatientID == volume.datasets[0].PatientID
+    assert sc.SeriesInstanceUID == report["outputs"]["qa"]["secondary_capture"]["series_instance_uid"]
+    assert list(sc.ImageType)[:2] == ["DERIVED", "SECONDARY"]
+    assert sc.ReferencedSeriesSequence[0].SeriesInstanceUID == volume.series_instance_uid
+    refs = {r.ReferencedSOPInstanceUID for r in sc.SourceImageSequence}
+    assert refs and refs <= set(volume.sop_instance_uids)
+    png = np.asarray(Image.open(out / "qa" / "qa_sheet.png").convert("RGB"))
+    assert np.array_equal(sc.pixel_array, png)  # the same picture
+
+
+def test_no_qa_skips_the_pictures(tmp_path):
+    needs_models()
+    proc = run_app(ROOT / "sample" / "ct", tmp_path, "--no-qa")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    seg, rts, report = outputs(tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([seg.name, rts.name, "report.json"])
+    assert "qa" not in report["outputs"] and "write_qa" not in report["seconds"]
 
 
 def test_bundled_sample_runs_like_make_run(tmp_path):

@@ -8,7 +8,8 @@ dicompyler files), runs the app on it and checks
 * failures: exactly one ERROR log line, from the app, naming the file or series and saying
   what to do (`` - <fix>``), and OUTPUT left exactly as it was (a sentinel file stays, no
   SEG / RTSTRUCT / report, no staging folder);
-* successes: SEG + RTSTRUCT + report.json in OUTPUT, the report's chosen series, and every
+* successes: SEG + RTSTRUCT + QA (qa/qa_sheet.png, Secondary Capture) + report.json in OUTPUT,
+  the report's chosen series, and every
   UID the outputs reference belonging to that one series.
 
 All rows run in ONE subprocess (``app.run()`` once per row; start-up is paid once), under
@@ -696,7 +697,9 @@ def test_bad_input(batch, case):
     assert not errors, log
     out, chosen = Path(spec["output"]), spec["chosen"]
     new = {p.name for p in out.iterdir()} - {SENTINEL}
-    assert new == {f"{chosen.uid}_SEG.dcm", f"{chosen.uid}_RTSTRUCT.dcm", "report.json"}, sorted(new)
+    assert new == {f"{chosen.uid}_SEG.dcm", f"{chosen.uid}_RTSTRUCT.dcm", f"{chosen.uid}_QA_1.dcm", "qa",
+                   "report.json"}, sorted(new)
+    assert {p.name for p in (out / "qa").iterdir()} == {"qa_sheet.png"}
     if SENTINEL in batch.before[case.name]:  # what the user had in OUTPUT is still there
         assert (out / SENTINEL).read_text() == "from before\n"
     report = json.loads((out / "report.json").read_text())
@@ -704,8 +707,9 @@ def test_bad_input(batch, case):
     assert report["input"]["shape_kji"][0] == len(chosen.sops)
     seg = pydicom.dcmread(out / f"{chosen.uid}_SEG.dcm")
     rts = pydicom.dcmread(out / f"{chosen.uid}_RTSTRUCT.dcm")
+    qa = pydicom.dcmread(out / f"{chosen.uid}_QA_1.dcm", stop_before_pixels=True)
     study_uid = str(pydicom.dcmread(chosen.paths[0], stop_before_pixels=True).StudyInstanceUID)
-    for ds in (seg, rts):
+    for ds in (seg, rts, qa):
         refs = _referenced(ds)
         assert refs["SeriesInstanceUID"] == {chosen.uid}, refs["SeriesInstanceUID"]
         assert refs["ReferencedSOPInstanceUID"] - {study_uid} <= chosen.sops

@@ -1,0 +1,117 @@
+"""The stray-component rule and the clipping of targets to the External (structure table, postprocess)."""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import pytest
+
+from autocontour.postprocess import postprocess, postprocess_structure
+from autocontour.structures import STRUCTURES, structure
+from autocontour.volume import Volume
+
+SPACING = (3.0, 1.0, 1.0)  # (k, j, i) mm
+VOXEL_CC = 3.0 / 1000
+
+
+def ptv_with(second: tuple[slice, slice, slice]) -> np.ndarray:
+    """A 324 cc primary PTV (30 slices x 60 x 60 mm) and a second component."""
+    mask = np.zeros((80, 200, 300), bool)
+    mask[10:40, 70:130, 20:80] = True
+    mask[second] = True
+    return mask
+
+
+def test_every_multi_component_structure_has_a_rule_and_organs_keep_one():
+    for s in STRUCTURES:
+        if s.rt_roi_interpreted_type == "ORGAN":
+            assert s.max_components == 1, s.name
+        else:
+            assert 0 < s.secondary_min_fraction <= 1 and s.secondary_max_gap_mm > 0, s.name
+
+
+def test_a_real_second_nodal_level_far_from_the_primary_stays():
+    # 12 % of the primary (39 cc: 26 slices x 25 x 20 mm), 90 mm lateral to it: a contralateral node level
+    mask = ptv_with((slice(12, 38), slice(80, 105), slice(170, 190)))
+    res = postprocess_structure(mask, structure("PTV_High"), VOXEL_CC, SPACING)
+    assert res.components_removed == 0 and np.array_equal(res.mask, mask)
+
+
+def test_a_small_node_close_to_the_primary_stays():
+    # 3 % of the primary (9.6 cc), 20 mm below it along the neck (gap between nearest voxels)
+    mask = ptv_with((slice(47, 55), slice(90, 110), slice(40, 60)))
+    res = postprocess_structure(mask, structure("PTV_High"), VOXEL_CC, SPACING)
+    assert res.components_removed == 0 and np.array_equal(res.mask, mask)
+
+
+def test_a_small_far_piece_goes_and_is_explained(caplog):
+    # 0.3 % (1.1 cc), 60 mm above the primary: like the model's piece in the brain on hn-chus-052
+    piece = (slice(60, 64), slice(90, 100), slice(45, 54))
+    mask = ptv_with(piece)
+    with caplog.at_level(logging.INFO, logger="autocontour.postprocess"):
+        res = postprocess_structure(mask, structure("PTV_High"), VOXEL_CC, SPACING)
+    assert not res.mask[piece].any() and res.mask[10:40, 70:130, 20:80].all()
+    assert res.components_removed == 1 and res.removed_cc == pytest.approx(4 * 10 * 9 * VOXEL_CC)
+    assert "stray component" in res.removals[0] and "more than 30 mm" in res.removals[0]
+    assert any("stray component" in r.message for r in caplog.records)
+
+
+def test_the_rule_measures_millimetres_not_voxels():
+    # the same 3 % node, 6 slices (18 mm) below: kept with 3 mm slices, removed with 10 mm slices (60 mm)
+    mask = ptv_with((slice(46, 54), slice(90, 110), slice(40, 60)))
+    near = postprocess_structure(mask, structure("PTV_High"), VOXEL_CC, (3.0, 1.0, 1.0))
+    far = postprocess_structure(mask, structure("PTV_High"), VOXEL_CC, (10.0, 1.0, 1.0))
+    assert near.components_removed == 0 and far.components_removed == 1
+
+
+def test_organs_keep_one_component_even_a_large_second():
+    mask = np.zeros((20, 60, 60), bool)
+    mask[2:10, 5:25, 5:25] = True
+    mask[2:10, 35:50, 35:50] = True  # 56 % of the first
+    res = postprocess_structure(mask, structure("Parotid_L"), VOXEL_CC, SPACING)
+    assert res.components_removed == 1 and res.mask[5, 10, 10] and not res.mask[5, 40, 40]
+
+
+def body_volume() -> Volume:
+    """A 'patient' (ellipse, 30 HU) in air on a 1 x 1 x 3 mm grid."""
+    arr = np.full((20, 120, 160), -1000.0, np.float32)
+    j, i = np.mgrid[0:120, 0:160]
+    arr[:, (((j - 60) / 45.0) ** 2 + ((i - 80) / 60.0) ** 2) <= 1.0] = 30.0
+    affine = np.eye(4)
+    affine[:3, 0] = (0.0, 0.0, 3.0)
+    affine[:3, 1] = (0.0, 1.0, 0.0)
+    affine[:3, 2] = (1.0, 0.0, 0.0)
+    return Volume(arr, affine)
+
+
+def test_targets_are_clipped_to_the_external_and_organs_are_not(caplog):
+    vol = body_volume()
+    ptv = np.zeros(vol.array.shape, bool)
+    ptv[5:15, 5:40, 60:100] = True  # its anterior rows stick out of the patient
+    organ = ptv.copy()
+    with caplog.at_level(logging.INFO, logger="autocontour.postprocess"):
+        res = postprocess(vol, {"Parotid_L": organ, "PTV_High": ptv})
+    ext = res["External"].mask
+    outside = int((ptv & ~ext).sum())
+    assert outside > 100
+    assert not (res["PTV_High"].mask & ~ext).any()
+    assert res["PTV_High"].mask.sum() == ptv.sum() - outside
+    assert res["PTV_High"].clipped_cc == pytest.approx(outside * vol.voxel_volume_cc)
+    assert any("outside the External clipped" in r.message for r in caplog.records)
+    assert res["Parotid_L"].clipped_cc == 0 and (res["Parotid_L"].mask & ~ext).any()
+    assert list(res) == ["External", "Parotid_L", "PTV_High"]
+
+
+def test_nothing_is_clipped_when_no_patient_is_found():
+    vol = Volume(np.full((6, 40, 40), -1000.0, np.float32), np.diag([3.0, 1.0, 1.0, 1.0]))
+    ptv = np.zeros(vol.array.shape, bool)
+    ptv[1:5, 10:30, 10:30] = True
+    res = postprocess(vol, {"PTV_High": ptv})
+    assert res["External"].flags == ["empty: no patient found above the body threshold"]
+    assert np.array_equal(res["PTV_High"].mask, ptv) and res["PTV_High"].clipped_cc == 0
+
+
+def test_external_can_be_left_out():
+    vol = body_volume()
+    assert "External" not in postprocess(vol, {}, external=False)
