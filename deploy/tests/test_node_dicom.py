@@ -228,6 +228,18 @@ def results_for(received: list[pydicom.Dataset], uid: str) -> dict[str, list[pyd
     return out
 
 
+def assert_qa_delivered_once(received: list[pydicom.Dataset], folders: list[Path]) -> None:
+    """Besides one RTSTRUCT and one SEG per study, only the app's QA Secondary Capture
+    images (Modality OT), in the CT's study, each delivered once."""
+    sc = [ds for ds in received if ds.Modality == "OT"]
+    assert all(ds.SOPClassUID == "1.2.840.10008.5.1.4.1.1.7" for ds in sc)
+    assert len({ds.SOPInstanceUID for ds in received}) == len(received), "an instance was delivered twice"
+    studies = {pydicom.dcmread(next(iter(sorted(f.glob("*.dcm")))), stop_before_pixels=True).StudyInstanceUID
+               for f in folders}
+    assert {ds.StudyInstanceUID for ds in sc} == studies
+    assert len(received) == 2 * len(folders) + len(sc)
+
+
 def test_two_ct_studies_sent_together_are_both_contoured_and_delivered(tmp_path, ports, node_env, cleanup):
     tps = StoreScp(tmp_path, ports["tps"]).start()
     cleanup.append(tps)
@@ -240,7 +252,8 @@ def test_two_ct_studies_sent_together_are_both_contoured_and_delivered(tmp_path,
     jobs = node.wait_states("delivered", 2, 2 * RUN_TIMEOUT)
 
     received = tps.received()
-    assert sorted(ds.Modality for ds in received) == ["RTSTRUCT", "RTSTRUCT", "SEG", "SEG"]
+    assert sorted(ds.Modality for ds in received if ds.Modality != "OT") == ["RTSTRUCT", "RTSTRUCT", "SEG", "SEG"]
+    assert_qa_delivered_once(received, [HN_CT, SAMPLE_CT])
     for folder in (HN_CT, SAMPLE_CT):
         uid = series_uid(folder)
         got = results_for(received, uid)
@@ -257,8 +270,9 @@ def test_two_ct_studies_sent_together_are_both_contoured_and_delivered(tmp_path,
         spans.append((start, end))
     (s1, e1), (s2, e2) = sorted(spans)
     assert e1 <= s2, spans
-    # the results are in Orthanc too
-    assert all(j["results"] == 2 for j in jobs)
+    # the results are in Orthanc too: each job stored what the destination received (RTSTRUCT,
+    # SEG and the QA Secondary Capture images)
+    assert all(j["results"] >= 3 for j in jobs) and sum(j["results"] for j in jobs) == len(received)
 
 
 def test_unknown_callers_are_refused_and_a_non_ct_study_is_an_error(tmp_path, ports, node_env, cleanup):
@@ -310,7 +324,8 @@ def test_destination_down_then_up_gets_the_results_once(tmp_path, ports, node_en
     assert job["delivery_attempts"] >= 2
     time.sleep(3)
     got = results_for(tps.received(), series_uid(HN_CT))
-    assert len(got["RTSTRUCT"]) == 1 and len(got["SEG"]) == 1 and len(tps.received()) == 2
+    assert len(got["RTSTRUCT"]) == 1 and len(got["SEG"]) == 1
+    assert_qa_delivered_once(tps.received(), [HN_CT])
 
     # an operator re-sends through the REST API
     status, answer = node.rest(f"/autocontour/jobs/{job['study']}/resend", "POST")
@@ -349,5 +364,6 @@ def test_node_killed_during_a_run_then_restarted_delivers_once(tmp_path, ports, 
     assert job["attempt"] == 2
     time.sleep(3)
     got = results_for(tps.received(), series_uid(HN_CT))
-    assert len(got["RTSTRUCT"]) == 1 and len(got["SEG"]) == 1 and len(tps.received()) == 2
+    assert len(got["RTSTRUCT"]) == 1 and len(got["SEG"]) == 1
+    assert_qa_delivered_once(tps.received(), [HN_CT])
     assert restarted.stop(signal.SIGTERM, timeout=60) == 0     # SIGTERM: Orthanc exits 0
