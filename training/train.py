@@ -97,7 +97,7 @@ class Sampler:
             centre = np.array([self.rng.integers(s) for s in img.shape])
         centre = centre + self.rng.integers(-p // 4, p // 4 + 1)
         patch = cut_patch(img, tgt, known_z, centre, self.task.patch_zyx, self.rng, self.cfg)
-        if self.task.mirror_pairs is not None and self.rng.random() < self.cfg.p_mirror:
+        if self.rng.random() < self.cfg.p_mirror:  # every task: lateral pairs swap, the rest just flips
             patch = mirror_lr(patch, self.task.mirror_pairs, self.task.kind == "softmax")
         x = augment_intensity(patch.image, self.rng, self.cfg)
         return x[None], patch.target, patch.known_z
