@@ -203,12 +203,17 @@ def holdout_dice(net: torch.nn.Module, cases: list[Case], task: Task) -> list[fl
 
 
 def init_from_torchscript(net: torch.nn.Module, path: Path) -> None:
-    """Warm start from a released model's TorchScript file (same architecture).
+    """Warm start from a released model's TorchScript file or a committed ``.pt`` checkpoint
+    (same architecture).
 
     An output layer with fewer channels than the network's is replicated across them, so
     a one-level target model can seed a three-level one.
     """
-    src = torch.jit.load(str(path), map_location="cpu").state_dict()
+    if Path(path).suffix == ".pt":  # a committed checkpoint (training/checkpoints/<task>/best.pt)
+        src = torch.load(path, weights_only=False, map_location="cpu")["model"]
+        src = {k: v.float() if v.is_floating_point() else v for k, v in src.items()}
+    else:
+        src = torch.jit.load(str(path), map_location="cpu").state_dict()
     dst = net.state_dict()
     for k, v in dst.items():
         w = src[k]
@@ -327,6 +332,10 @@ def main() -> None:
     started = t0
     total = stage["iterations"]
     stop = min(total, args.stop_at or total)
+    if it >= total:
+        logger.info("the stage in %s is complete (%d iterations, best held-out %.3f): start the next one with "
+                    "--new-stage --init %s [--lr ...] [--iterations ...], or extend it with --reschedule N",
+                    state_path, it, best, run / "best.pt")
     # fp16 autocast on a GPU; plain fp32 on a CPU: bf16 autocast ran 13x slower than fp32 on
     # this project's CPU machines (AMD EPYC, AVX2 only: 32 s vs 2.4 s per batch-2 iteration)
     autocast = torch.autocast("cuda", dtype=torch.float16) if device.type == "cuda" else contextlib.nullcontext()
