@@ -42,14 +42,18 @@ class Task:
             (i, names.index(n[:-2] + "_R")) for i, n in enumerate(names) if n.endswith("_L") and n[:-2] + "_R" in names
         )
 
-    def targets(self, case: Case) -> tuple[np.ndarray, np.ndarray]:
+    def references(self, case: Case) -> list[np.ndarray | None]:
+        """Each output's reference mask for ``case`` (``reference_mask``), None where unknown."""
+        return [reference_mask(rois, case) for _, rois in self.outputs]
+
+    def targets(self, case: Case, refs: list[np.ndarray | None] | None = None) -> tuple[np.ndarray, np.ndarray]:
         """(target array, known flag per output) for one case.
 
         softmax: uint8 label map (0 = background); sigmoid: uint8 (n_out, z, y, x) of 0/1
         (small in memory: the trainer holds 160 patients and casts each batch).
         Each output follows ``reference_mask``: known when its first ROI was contoured.
         """
-        refs = [reference_mask(rois, case) for _, rois in self.outputs]
+        refs = self.references(case) if refs is None else refs
         known = np.array([r is not None for r in refs])
         if self.kind == "softmax":
             lab = np.zeros(case.ct.shape, np.uint8)
@@ -60,9 +64,9 @@ class Task:
         tgt = np.stack([r if r is not None else np.zeros(case.ct.shape, bool) for r in refs])
         return tgt.astype(np.uint8), known
 
-    def known_slices(self, case: Case) -> np.ndarray:
+    def known_slices(self, case: Case, refs: list[np.ndarray | None] | None = None) -> np.ndarray:
         """(n_out, z) bool: on which slices each output's reference is valid (see augment.known_slices)."""
-        refs = [reference_mask(rois, case) for _, rois in self.outputs]
+        refs = self.references(case) if refs is None else refs
         return known_slices(
             np.array([r is not None for r in refs]), refs, tuple(n in self.partial_length for n, _ in self.outputs)
         )

@@ -78,8 +78,9 @@ class Sampler:
         self.task, self.rng, self.cfg = task, rng, cfg
         self.items = []
         for c in cases:
-            tgt, known = task.targets(c)
-            self.items.append((normalise(c.ct, task), tgt, known, task.known_slices(c)))
+            refs = task.references(c)  # once per patient, for both the targets and the known slices
+            tgt, known = task.targets(c, refs)
+            self.items.append((normalise(c.ct, task), tgt, known, task.known_slices(c, refs)))
         self.class_weight = 1.0 / np.maximum(np.mean([k for _, _, k, _ in self.items], axis=0), 1e-3)
 
     def sample(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -184,8 +185,9 @@ def holdout_dice(net: torch.nn.Module, cases: list[Case], task: Task) -> list[fl
     scores: list[list[float]] = [[] for _ in task.outputs]
     with torch.inference_mode():
         for c in cases:
-            tgt, known = task.targets(c)
-            kz = task.known_slices(c)
+            refs = task.references(c)
+            tgt, known = task.targets(c, refs)
+            kz = task.known_slices(c, refs)
             x = torch.from_numpy(normalise(c.ct, task))[None, None]
             out = sliding_window_inference(x, task.patch_zyx, 1, net, overlap=0.25, mode="gaussian")[0]
             if task.kind == "softmax":
