@@ -9,8 +9,8 @@ staging folder.  Exit codes: see ``autocontour.errors`` (0 = contours written).
 Graph::
 
     SeriesSelector -> CTVolume -+-> Segmentation[hn_oar]    -+-> Postprocess -+-> DicomSegWriter  -+-> Report
-                                +-> Segmentation[hn_target] -+  (+External)   +-> RtstructWriter  -+
-                                                                              +-> QA (PNG + SC)   -+  (not with --no-qa)
+                                +-> Segmentation[hn_target] -+                +-> RtstructWriter  -+
+                                +-> External                -+                +-> QA (PNG + SC)   -+  (not with --no-qa)
 """
 
 from __future__ import annotations
@@ -42,6 +42,11 @@ logger = logging.getLogger(APP_NAME)
 
 REPO_MODELS = Path(__file__).resolve().parent / "models"
 SERIES_DESCRIPTION = "AUTO proposal - review before use"  # <= 64 chars (LO)
+# The event-based scheduler ends the run when no operator is ready and none is running.
+# With no grace period it can decide that in the instant between an operator's output and
+# its receivers becoming ready, and stop a run half-way (seen on a loaded 2-core machine:
+# 1 run in 12 stopped after CTVolume).  The run's real end waits this long once.
+DEADLOCK_GRACE_MS = 100
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -70,6 +75,7 @@ def build_app(args: argparse.Namespace, record: RunRecord, segmenters: list[Segm
     from operators import (
         CTVolumeOperator,
         DicomSegWriterOperator,
+        ExternalOperator,
         PostprocessOperator,
         QaOperator,
         ReportOperator,
@@ -96,6 +102,10 @@ def build_app(args: argparse.Namespace, record: RunRecord, segmenters: list[Segm
 
             self.add_flow(select, volume, {(select.OUT_SERIES, volume.IN_SERIES)})
             self.add_flow(volume, post, {(volume.OUT_VOLUME, post.IN_VOLUME)})
+            # the External needs the CT alone: it runs beside the models
+            external = ExternalOperator(self, record=record, name="external")
+            self.add_flow(volume, external, {(volume.OUT_VOLUME, external.IN_VOLUME)})
+            self.add_flow(external, post, {(external.OUT_EXTERNAL, post.IN_EXTERNAL)})
             for segmenter in segmenters:
                 branch = SegmentationOperator(self, segmenter=segmenter, record=record, name=f"seg_{segmenter.name}")
                 self.add_flow(volume, branch, {(volume.OUT_VOLUME, branch.IN_VOLUME)})
@@ -116,7 +126,7 @@ def build_app(args: argparse.Namespace, record: RunRecord, segmenters: list[Segm
         from holoscan.schedulers import EventBasedScheduler
 
         app.scheduler(EventBasedScheduler(app, name="scheduler", worker_thread_number=args.workers,
-                                          stop_on_deadlock=True))
+                                          stop_on_deadlock=True, stop_on_deadlock_timeout=DEADLOCK_GRACE_MS))
     return app
 
 
@@ -159,6 +169,11 @@ def run(argv: list[str] | None = None) -> int:
         with record.stage("startup_sdk"):
             app = build_app(args, record, segmenters, rules)
         app.run()
+        if not record.committed:
+            raise AutoContourError(
+                "the operator graph stopped before the report operator ran (a scheduler failure, not the input); "
+                "no output written - run again"
+            )
     except AutoContourError as exc:
         discard(staging)
         logger.error("%s: %s", type(exc).__name__, exc)

@@ -7,13 +7,16 @@
   (one list, ``PATIENT_STUDY_KEYWORDS``).
 * ``put_text`` / ``put_uint``: data elements stored as their encoded bytes, for the
   writers' per-frame / per-contour items (below).
+* ``encode_text`` / ``encode_item`` / ``encode_sequence`` / ``put_sequence``: a whole
+  sequence of such items encoded at once (the RTSTRUCT's contours: hundreds of items,
+  tens of thousands of values), so no pydicom dataset is made per item.
 
 pydicom validates every value it is given (~0.1 ms each for UI, DS, CS, IS strings), and
 a SEG or RTSTRUCT of one CT holds tens of thousands of them, all produced by our own code
 in a known-valid form.  ``put_text`` / ``put_uint`` store a ``RawDataElement`` holding the
-explicit-VR little-endian bytes instead (tag and VR from pydicom's data dictionary);
-pydicom writes them as they are and decodes them like any element read from a file when
-they are accessed.  Only for values the writers format themselves, in datasets written
+explicit-VR little-endian bytes instead (tag and VR from pydicom's data dictionary) and
+marks the item as read in that encoding, so pydicom writes them as they are and decodes
+them like any element read from a file only when they are accessed.  Only for values the writers format themselves, in datasets written
 with explicit VR little endian.
 """
 
@@ -21,7 +24,8 @@ from __future__ import annotations
 
 import copy
 import logging
-from collections.abc import Sequence
+import struct
+from collections.abc import Iterable, Sequence
 from functools import cache
 from pathlib import Path
 
@@ -38,7 +42,7 @@ from autocontour.errors import OutputError
 logger = logging.getLogger(__name__)
 
 __all__ = [
-    "put_text", "put_uint", "format_ds", "format_ds_array", "require_lo", "write_dataset", "copy_patient_and_study",
+    "put_text", "put_uint", "put_sequence", "encode_text", "encode_uint", "encode_sequence", "encode_item", "format_ds", "format_ds_array", "require_lo", "write_dataset", "copy_patient_and_study",
     "PATIENT_STUDY_KEYWORDS",
 ]
 
@@ -63,6 +67,12 @@ def _put(ds: Dataset, keyword: str, value: bytes, kinds: set[str] | dict[str, st
     if len(value) % 2:  # even length: UI padded with NUL, other text with a space
         value += b"\x00" if vr == "UI" else b" "
     ds[tag] = RawDataElement(tag, vr, len(value), value, 0, False, True)
+    # pydicom writes a dataset's raw elements as they are only when the dataset says it was
+    # read with the encoding being written (explicit VR little endian, its own character
+    # set); otherwise it decodes every one of them first (a DS value at a time: seconds
+    # for an RTSTRUCT's contours)
+    if ds.original_encoding != (False, True) or ds.original_character_set != ds._character_set:
+        ds.set_original_encoding(False, True, ds._character_set)
 
 
 def put_text(ds: Dataset, keyword: str, values: str | Sequence[str]) -> None:
@@ -75,6 +85,61 @@ def put_uint(ds: Dataset, keyword: str, values: Sequence[int]) -> None:
     """Set a US or UL element of ``ds``."""
     _, vr = _tag_and_vr(keyword)
     _put(ds, keyword, np.asarray(values, _UINT_DTYPES.get(vr, "<u4")).tobytes(), _UINT_DTYPES)
+
+
+# explicit VR: these VRs have a reserved 2 bytes and a 4-byte length, the others a 2-byte length
+_LONG_LENGTH_VRS = {"OB", "OD", "OF", "OL", "OV", "OW", "SQ", "SV", "UC", "UN", "UR", "UT", "UV"}
+_ITEM_TAG = b"\xfe\xff\x00\xe0"  # (FFFE,E000), little endian
+
+
+def _encode(keyword: str, value: bytes) -> bytes:
+    """One data element in explicit VR little endian (tag and VR from the dictionary)."""
+    tag, vr = _tag_and_vr(keyword)
+    if len(value) % 2:
+        value += b"\x00" if vr == "UI" else b" "
+    head = struct.pack("<HH", tag.group, tag.elem) + vr.encode("ascii")
+    if vr in _LONG_LENGTH_VRS:
+        return head + struct.pack("<HI", 0, len(value)) + value
+    if len(value) > 0xFFFE:
+        raise ValueError(f"{keyword}: {len(value)} bytes do not fit one {vr} element (at most 65534)")
+    return head + struct.pack("<H", len(value)) + value
+
+
+def encode_text(keyword: str, values: str | Sequence[str]) -> bytes:
+    """A text element (ASCII values; several joined by the DICOM backslash), encoded."""
+    text = values if isinstance(values, str) else "\\".join(values)
+    if _tag_and_vr(keyword)[1] not in _TEXT_VRS:
+        raise ValueError(f"{keyword} is not a text element")
+    return _encode(keyword, text.encode("ascii"))
+
+
+def encode_uint(keyword: str, values: Sequence[int]) -> bytes:
+    """A US or UL element, encoded."""
+    vr = _tag_and_vr(keyword)[1]
+    if vr not in _UINT_DTYPES:
+        raise ValueError(f"{keyword} has VR {vr}, not US or UL")
+    return _encode(keyword, np.asarray(values, _UINT_DTYPES[vr]).tobytes())
+
+
+def encode_item(elements: Iterable[bytes]) -> bytes:
+    """A sequence item (defined length) of encoded elements (written in ascending tag order)."""
+    body = b"".join(sorted(elements, key=lambda e: struct.unpack_from("<HH", e)))
+    return _ITEM_TAG + struct.pack("<I", len(body)) + body
+
+
+def encode_sequence(keyword: str, items: Iterable[bytes]) -> bytes:
+    """A sequence element (defined length) of encoded items."""
+    if _tag_and_vr(keyword)[1] != "SQ":
+        raise ValueError(f"{keyword} is not a sequence")
+    return _encode(keyword, b"".join(items))
+
+
+def put_sequence(ds: Dataset, keyword: str, items: Sequence[bytes]) -> None:
+    """Set a sequence of ``ds`` from encoded items (``encode_item``); pydicom decodes it
+    like a sequence read from a file when it is accessed, and writes it as it is."""
+    if _tag_and_vr(keyword)[1] != "SQ":
+        raise ValueError(f"{keyword} is not a sequence")
+    _put(ds, keyword, b"".join(items), {"SQ"})
 
 
 def format_ds(value: float) -> str:

@@ -50,7 +50,10 @@ from pydicom.sequence import Sequence as DicomSequence
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 from pydicom.valuerep import DSfloat, format_number_as_ds
 
-from autocontour.dicom_elements import copy_patient_and_study, put_text, put_uint, require_lo
+from autocontour.dicom_elements import (
+    copy_patient_and_study, encode_item, encode_sequence, encode_text, encode_uint, put_sequence, put_text,
+    require_lo,
+)
 from autocontour.errors import GeometryError
 from autocontour.postprocess import bounding_box
 from autocontour.structures import STRUCTURES, Code, StructureDefinition, structure
@@ -73,17 +76,12 @@ _SEGMENTATION = Code("113076", "DCM", "Segmentation")  # CID 7203, derivation
 _SOURCE_IMAGE = Code("121322", "DCM", "Source image for image processing operation")  # CID 7202
 _ACQUISITION_EQUIPMENT = Code("109101", "DCM", "Acquisition Equipment")
 
-def _code_item(code: Code, raw: bool = False) -> Dataset:
+def _code_item(code: Code) -> Dataset:
     """A Code Sequence item (Basic Coded Entry Attributes)."""
     item = Dataset()
-    if raw:
-        put_text(item, "CodeValue", code.value)
-        put_text(item, "CodingSchemeDesignator", code.scheme)
-        put_text(item, "CodeMeaning", code.meaning)
-    else:
-        item.CodeValue = code.value
-        item.CodingSchemeDesignator = code.scheme
-        item.CodeMeaning = code.meaning
+    item.CodeValue = code.value
+    item.CodingSchemeDesignator = code.scheme
+    item.CodeMeaning = code.meaning
     return item
 
 
@@ -266,7 +264,7 @@ def build_seg(
     _multiframe_dimension(seg)
     _shared_functional_groups(seg, volume, ct)
     # Per-frame functional groups
-    seg.PerFrameFunctionalGroupsSequence = DicomSequence(_per_frame_items(volume, frames))
+    put_sequence(seg, "PerFrameFunctionalGroupsSequence", _per_frame_items(volume, frames))
     seg.NumberOfFrames = len(frames)
     # every CT slice is referenced, in k order (the frames reference theirs one by one)
     _reference_all_slices(seg, volume)
@@ -469,34 +467,45 @@ def _file_meta(seg: Dataset) -> None:
     seg.file_meta.FileMetaInformationGroupLength = 0  # the length is computed when written
 
 
-def _per_frame_items(volume: Volume, frames: Sequence[tuple[int, int, int]]) -> list[Dataset]:
-    """Per-Frame Functional Groups items: frame content, plane position, derivation, segment."""
-    position_text: dict[int, list[str]] = {}
+def _per_frame_items(volume: Volume, frames: Sequence[tuple[int, int, int]]) -> list[bytes]:
+    """Per-Frame Functional Groups items: frame content, plane position, derivation, segment.
+
+    Encoded directly (``dicom_elements.encode_item``): one item per frame, each with six
+    nested items, is thousands of pydicom datasets for a planning CT.
+    """
+    def code(c: Code) -> bytes:
+        return encode_item([encode_text("CodeValue", c.value), encode_text("CodingSchemeDesignator", c.scheme),
+                            encode_text("CodeMeaning", c.meaning)])
+
+    derivation_code = encode_sequence("DerivationCodeSequence", [code(_SEGMENTATION)])
+    purpose = encode_sequence("PurposeOfReferenceCodeSequence", [code(_SOURCE_IMAGE)])
+    preserved = encode_text("SpatialLocationsPreserved", "YES")
+    per_slice: dict[int, tuple[bytes, bytes]] = {}
     items = []
     for s, k, p in frames:
-        ct = volume.datasets[k]
-        if k not in position_text:
-            position_text[k] = _ds_text(ct.ImagePositionPatient)
-        content = Dataset()
-        put_uint(content, "DimensionIndexValues", (s + 1, p))
-        position = Dataset()
-        put_text(position, "ImagePositionPatient", position_text[k])
-        source = Dataset()
-        put_text(source, "ReferencedSOPClassUID", str(ct.SOPClassUID))
-        put_text(source, "ReferencedSOPInstanceUID", volume.sop_instance_uids[k])
-        put_text(source, "SpatialLocationsPreserved", "YES")
-        source.PurposeOfReferenceCodeSequence = [_code_item(_SOURCE_IMAGE, raw=True)]
-        derivation = Dataset()
-        derivation.DerivationCodeSequence = [_code_item(_SEGMENTATION, raw=True)]
-        derivation.SourceImageSequence = [source]
-        segment = Dataset()
-        put_uint(segment, "ReferencedSegmentNumber", (s + 1,))
-        item = Dataset()
-        item.DerivationImageSequence = [derivation]
-        item.FrameContentSequence = [content]
-        item.PlanePositionSequence = [position]
-        item.SegmentIdentificationSequence = [segment]
-        items.append(item)
+        if k not in per_slice:
+            ct = volume.datasets[k]
+            source = encode_item([
+                encode_text("ReferencedSOPClassUID", str(ct.SOPClassUID)),
+                encode_text("ReferencedSOPInstanceUID", volume.sop_instance_uids[k]),
+                preserved, purpose,
+            ])
+            derivation = encode_sequence("DerivationImageSequence", [encode_item([
+                derivation_code, encode_sequence("SourceImageSequence", [source]),
+            ])])
+            position = encode_sequence("PlanePositionSequence", [encode_item([
+                encode_text("ImagePositionPatient", _ds_text(ct.ImagePositionPatient)),
+            ])])
+            per_slice[k] = derivation, position
+        derivation, position = per_slice[k]
+        items.append(encode_item([
+            derivation,
+            encode_sequence("FrameContentSequence", [encode_item([encode_uint("DimensionIndexValues", (s + 1, p))])]),
+            position,
+            encode_sequence("SegmentIdentificationSequence", [encode_item([
+                encode_uint("ReferencedSegmentNumber", (s + 1,)),
+            ])]),
+        ]))
     return items
 
 

@@ -27,7 +27,7 @@ from autocontour.volume import BODY_HU, Volume
 logger = logging.getLogger(__name__)
 
 __all__ = [
-    "StructureResult", "bounding_box", "clip_to_external", "postprocess", "postprocess_structure", "laterality_flag",
+    "StructureResult", "bounding_box", "clip_to_external", "external_structure", "postprocess", "postprocess_structure", "laterality_flag",
 ]
 
 # 26-connectivity: touching at a corner is one component.
@@ -194,7 +194,12 @@ def clip_to_external(mask: np.ndarray, external: np.ndarray) -> tuple[np.ndarray
     return clipped, n
 
 
-def _external_result(volume: Volume) -> StructureResult:
+def external_structure(volume: Volume) -> StructureResult:
+    """The External of ``volume`` as a structure result: mask, volume, centre, its own flags.
+
+    It needs the CT alone, so the app computes it beside the models (``ExternalOperator``)
+    and hands it to ``postprocess``.
+    """
     ext = external_mask(volume)
     res = StructureResult(EXTERNAL, ext.mask, float(np.count_nonzero(ext.mask) * volume.voxel_volume_cc),
                           holes_filled_cc=ext.holes_filled_cc, excluded_cc=ext.excluded_cc)
@@ -210,9 +215,12 @@ def _external_result(volume: Volume) -> StructureResult:
 
 
 def postprocess(
-    volume: Volume, masks: dict[str, np.ndarray], *, external: bool = True
+    volume: Volume, masks: dict[str, np.ndarray], *, external: bool | StructureResult = True
 ) -> dict[str, StructureResult]:
-    """The External (when ``external``), then every structure; flags attached.
+    """The External, then every structure; flags attached.
+
+    ``external``: ``True`` computes the External here (``external_structure``), a
+    ``StructureResult`` is one already computed on ``volume``, ``False`` leaves it out.
 
     Returns ``{name: StructureResult}``: ``External`` first, then ``masks``' order.
     Targets are clipped to the External (unless it is empty: then nothing is clipped and
@@ -221,8 +229,10 @@ def postprocess(
     voxel_cc = volume.voxel_volume_cc
     results: dict[str, StructureResult] = {}
     body_mask = None
-    if external:
-        ext = _external_result(volume)
+    if external is not False:
+        ext = external_structure(volume) if external is True else external
+        if ext.name != EXTERNAL or np.shape(ext.mask) != volume.array.shape:
+            raise ValueError(f"external must be the External on the volume's grid, got {ext.name} {np.shape(ext.mask)}")
         results[EXTERNAL] = ext
         if ext.volume_cc:
             body_mask = ext.mask

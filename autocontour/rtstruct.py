@@ -2,8 +2,8 @@
 
 Writing (``mask_to_contours``, ``build_rtstruct``; ``dicom_elements.write_dataset`` saves it)
     Each slice ``k`` of a boolean mask is traced with marching squares at level 0.5 on
-    the mask padded by one pixel, so every outer boundary and every hole boundary is its
-    own closed polygon.  Planning systems (Eclipse, RayStation, Monaco, Pinnacle) combine
+    the mask padded by one pixel (``autocontour.tracing``, all slices of a structure at
+    once), so every outer boundary and every hole boundary is its own closed polygon.  Planning systems (Eclipse, RayStation, Monaco, Pinnacle) combine
     the contours of one ROI on one slice by the even-odd rule, so a hole is written as
     one more contour inside its outer boundary.  All geometry goes through
     ``Volume.affine``; the points of a contour all carry exactly the z of the CT slice
@@ -26,14 +26,15 @@ from pydicom.charset import convert_encodings
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.sequence import Sequence as DicomSequence
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
-from skimage.measure import find_contours
 
 from autocontour.dicom_elements import (
-    PATIENT_STUDY_KEYWORDS, copy_patient_and_study, format_ds, format_ds_array, put_text, require_lo,
+    PATIENT_STUDY_KEYWORDS, copy_patient_and_study, encode_item, encode_sequence, encode_text, format_ds,
+    format_ds_array, put_sequence, require_lo,
 )
 from autocontour.errors import GeometryError
 from autocontour.postprocess import bounding_box
 from autocontour.structures import StructureDefinition, structure
+from autocontour.tracing import trace_slices
 from autocontour.volume import AXIS_ALIGNMENT_TOLERANCE, Volume
 
 logger = logging.getLogger(__name__)
@@ -50,10 +51,6 @@ RT_STRUCTURE_SET_STORAGE = "1.2.840.10008.5.1.4.1.1.481.3"
 # system use for RT Referenced Study Sequence > Referenced SOP Class UID.
 DETACHED_STUDY_MANAGEMENT = "1.2.840.10008.3.1.2.3.1"
 
-# A traced vertex closer than this (in pixels) to the line through its neighbours is
-# dropped.  Marching squares on a binary mask only makes axis-aligned and 45-degree
-# segments, so this only ever removes exactly collinear vertices.
-COLLINEAR_TOLERANCE_PX = 0.05
 # StructureSetLabel is a short string (SH, 16 characters).
 STRUCTURE_SET_LABEL = "AutoContour"
 
@@ -68,8 +65,9 @@ def mask_to_contours(
     Every outer boundary and every hole boundary is its own closed polygon (holes are
     represented by the even-odd rule), separate islands are kept.  The closing vertex
     is not repeated, collinear vertices are removed, and every polygon has at least 3
-    distinct points.  Marching squares (``skimage.measure.find_contours`` at level 0.5)
-    never makes self-intersecting polygons or polygons that cross each other.
+    distinct points.  Marching squares at level 0.5 (``autocontour.tracing``, the
+    polygons of ``skimage.measure.find_contours``) never makes self-intersecting polygons
+    or polygons that cross each other.
 
     Args:
         mask2d: (rows, columns) mask of slice ``k``; nonzero is inside.
@@ -85,40 +83,16 @@ def mask_to_contours(
     mask2d = np.asarray(mask2d) != 0
     if mask2d.ndim != 2:
         raise ValueError(f"mask2d must be 2-D, got shape {mask2d.shape}")
-    if not mask2d.any():
-        return []
-    padded = np.pad(mask2d, 1).astype(np.float32)
+    polygons = trace_slices(mask2d[None]).get(0, [])
+    return [_to_patient(rc, affine, k, origin_rc) for rc in polygons]
+
+
+def _to_patient(rc: np.ndarray, affine: np.ndarray, k: int, origin_rc: tuple[int, int]) -> np.ndarray:
+    """(N, 2) (row, column) vertices of slice ``k`` (of a crop at ``origin_rc``) -> (N, 3) LPS mm."""
     lin = np.asarray(affine, dtype=float)[:3, :3]
     origin = np.asarray(affine, dtype=float)[:3, 3] + lin[:, 0] * k
-    contours = []
-    for rc in find_contours(padded, 0.5):
-        rc = rc - 1.0 + origin_rc  # back to unpadded (row, col) of the whole slice
-        rc = _simplify_closed(rc)
-        if len(rc) < 3:
-            continue
-        contours.append(origin + rc[:, 0:1] * lin[:, 1] + rc[:, 1:2] * lin[:, 2])
-    return contours
-
-
-def _simplify_closed(rc: np.ndarray) -> np.ndarray:
-    """Drop the repeated closing vertex, repeated vertices and collinear vertices."""
-    if len(rc) > 1 and np.allclose(rc[0], rc[-1]):
-        rc = rc[:-1]
-    if len(rc) > 1:
-        keep = np.linalg.norm(rc - np.roll(rc, 1, axis=0), axis=1) > 1e-9
-        rc = rc[keep]
-    if len(rc) < 3:
-        return rc
-    prev, nxt = np.roll(rc, 1, axis=0), np.roll(rc, -1, axis=0)
-    chord = nxt - prev
-    chord_len = np.linalg.norm(chord, axis=1)
-    to_p = rc - prev
-    # distance of each vertex from the line through its two neighbours
-    dist = np.abs(chord[:, 0] * to_p[:, 1] - chord[:, 1] * to_p[:, 0]) / np.maximum(chord_len, 1e-12)
-    # ... and it must lie between them (never remove the tip of a spike)
-    between = np.einsum("ij,ij->i", rc - prev, nxt - rc) > 0
-    collinear = (dist < COLLINEAR_TOLERANCE_PX) & between
-    return rc[~collinear]
+    rc = rc + np.asarray(origin_rc, dtype=float)
+    return origin + rc[:, 0:1] * lin[:, 1] + rc[:, 1:2] * lin[:, 2]
 
 
 def _require_axial(volume: Volume) -> None:
@@ -317,7 +291,7 @@ def build_rtstruct(
         mask = np.asarray(masks[name])
         contours = _contour_items(mask if mask.dtype == np.bool_ else mask != 0, volume, slice_z, slice_refs)
         if contours:
-            roi_contour.ContourSequence = DicomSequence(contours)
+            put_sequence(roi_contour, "ContourSequence", contours)
             logger.info("RTSTRUCT ROI %d %s: %d contours", number, definition.name, len(contours))
         else:
             logger.warning("RTSTRUCT ROI %d %s: mask is empty; written without contours", number, definition.name)
@@ -363,34 +337,37 @@ def _referenced_frame(volume: Volume, study_uid: str) -> Dataset:
 
 def _contour_items(
     mask: np.ndarray, volume: Volume, slice_z: Sequence[str], slice_refs: Sequence[Dataset]
-) -> list[Dataset]:
-    items = []
-    # trace each slice inside the structure's bounding box only
+) -> list[bytes]:
+    """The Contour Sequence items of one structure, encoded (``dicom_elements.encode_item``).
+
+    Encoded directly: an External alone has hundreds of contours and ~100 000 DS values,
+    and a pydicom dataset per item (and pydicom's value checks) would cost seconds.  The
+    values are our own, in a known-valid form: (x, y) with 3 decimals, z the slice's text.
+    """
+    items: list[bytes] = []
+    # trace the structure inside its bounding box only, all its slices at once
     box = bounding_box(mask)
     if box is None:
         return items
-    crop = mask[:, box[1], box[2]]
+    traced = trace_slices(mask[box])
     origin_rc = (box[1].start, box[2].start)
-    for k in range(box[0].start, box[0].stop):
-        if not crop[k].any():
-            continue
-        ref_class = str(slice_refs[k].ReferencedSOPClassUID)
-        ref_uid = str(slice_refs[k].ReferencedSOPInstanceUID)
+    closed_planar = encode_text("ContourGeometricType", "CLOSED_PLANAR")
+    for k_box in sorted(traced):
+        k = box[0].start + k_box
+        image = encode_sequence("ContourImageSequence", [encode_item([
+            encode_text("ReferencedSOPClassUID", str(slice_refs[k].ReferencedSOPClassUID)),
+            encode_text("ReferencedSOPInstanceUID", str(slice_refs[k].ReferencedSOPInstanceUID)),
+        ])])
         # every point exactly on the slice's plane: (x, y) formatted, z the slice's own text
         point_text = "{}\\{}\\" + slice_z[k]
-        for points in mask_to_contours(crop[k], volume.affine, k, origin_rc):
+        for rc in traced[k_box]:
+            points = _to_patient(rc, volume.affine, k, origin_rc)
             xy = format_ds_array(points[:, :2])
-            data = "\\".join(map(point_text.format, xy[0::2], xy[1::2]))
-            # pre-encoded elements (autocontour.dicom_elements): the strings are valid already,
-            # and letting pydicom convert and validate tens of thousands of values costs seconds
-            ref = Dataset()
-            put_text(ref, "ReferencedSOPClassUID", ref_class)
-            put_text(ref, "ReferencedSOPInstanceUID", ref_uid)
-            item = Dataset()
-            item.ContourImageSequence = DicomSequence([ref])
-            put_text(item, "ContourGeometricType", "CLOSED_PLANAR")
-            put_text(item, "NumberOfContourPoints", str(len(points)))
-            put_text(item, "ContourNumber", str(len(items) + 1))
-            put_text(item, "ContourData", data)
-            items.append(item)
+            items.append(encode_item([  # in tag order
+                image,
+                closed_planar,
+                encode_text("NumberOfContourPoints", str(len(points))),
+                encode_text("ContourNumber", str(len(items) + 1)),
+                encode_text("ContourData", "\\".join(map(point_text.format, xy[0::2], xy[1::2]))),
+            ]))
     return items

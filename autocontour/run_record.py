@@ -105,6 +105,7 @@ class RunRecord:
     qa: QaOutput | None = None  # None with --no-qa
     staged_files: dict[str, Path] = field(default_factory=dict)  # final name -> staged path
     gpu_monitor: GpuMonitor | None = None  # sampling while a GPU backend runs
+    committed: bool = False  # the report operator moved the outputs into OUTPUT
 
     @contextmanager
     def stage(self, name: str):

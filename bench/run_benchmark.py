@@ -374,6 +374,7 @@ def _stage_rows(ours_runs: list[dict], stock_runs: list[dict], model_names: list
         key = f"inference_{m}"
         rows.append((f"inference {m} (incl. pre/post)", med(ours_runs, key), med(stock_runs, key)))
     rows += [
+        ("External (beside the models)", med(ours_runs, "external"), None),
         ("post-processing", med(ours_runs, "postprocess"), None),
         ("write DICOM-SEG", med(ours_runs, "write_seg"), med(stock_runs, *[f"write_seg_{m}" for m in model_names])),
         ("write RTSTRUCT", med(ours_runs, "write_rtstruct"), None),

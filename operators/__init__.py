@@ -6,6 +6,7 @@ emits; port names are class constants shared by ``setup()`` and ``app.py``.
 
 from operators.ct_volume_operator import CTVolumeOperator
 from operators.dicom_seg_writer_operator import DicomSegWriterOperator
+from operators.external_operator import ExternalOperator
 from operators.postprocess_operator import PostprocessOperator
 from operators.qa_operator import QaOperator
 from operators.report_operator import ReportOperator
@@ -16,6 +17,7 @@ from operators.series_selector_operator import SeriesSelectorOperator
 __all__ = [
     "CTVolumeOperator",
     "DicomSegWriterOperator",
+    "ExternalOperator",
     "PostprocessOperator",
     "QaOperator",
     "ReportOperator",

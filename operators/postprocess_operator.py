@@ -11,9 +11,10 @@ from autocontour.structures import STRUCTURES
 
 
 class PostprocessOperator(Operator):
-    """Merges the branches' masks (in structure-table order) and applies the table's rules."""
+    """Merges the branches' masks (in structure-table order) and the External, and applies the table's rules."""
 
     IN_VOLUME = "volume"
+    IN_EXTERNAL = "external"  # the External, computed beside the models (ExternalOperator)
     OUT_STRUCTURES = "structures"
 
     @staticmethod
@@ -28,16 +29,18 @@ class PostprocessOperator(Operator):
 
     def setup(self, spec: OperatorSpec):
         spec.input(self.IN_VOLUME)
+        spec.input(self.IN_EXTERNAL)
         for b in self.branches:
             spec.input(self.in_masks(b))
         spec.output(self.OUT_STRUCTURES)
 
     def compute(self, op_input, op_output, context):
         volume = op_input.receive(self.IN_VOLUME)
+        external = op_input.receive(self.IN_EXTERNAL)
         masks = {}
         for b in self.branches:
             masks.update(op_input.receive(self.in_masks(b)))
         order = [s.name for s in STRUCTURES if s.name in masks]
         with self.record.stage("postprocess"):
-            results = postprocess(volume, {n: masks[n] for n in order})
+            results = postprocess(volume, {n: masks[n] for n in order}, external=external)
         op_output.emit(results, self.OUT_STRUCTURES, PYOBJECT)

@@ -48,4 +48,5 @@ class ReportOperator(Operator):
         path.write_text(json.dumps(report, indent=1))
         files = commit({**self.record.staged_files, self.REPORT_NAME: path}, self.record.output_path,
                        self.record.staging_path)
+        self.record.committed = True
         logger.info("wrote %s", ", ".join(str(f) for f in files))

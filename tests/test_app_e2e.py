@@ -65,7 +65,7 @@ def test_real_ct_writes_seg_rtstruct_and_report(chus_run):
     assert report["input"]["chosen"] == volume.series_instance_uid
     assert {m["name"] for m in report["models"]} == {"hn_oar", "hn_target"}
     assert all(m["backend"] == "cpu" for m in report["models"])
-    assert set(report["seconds"]) >= {"load", "select", "convert", "inference_hn_oar", "inference_hn_target",
+    assert set(report["seconds"]) >= {"load", "select", "convert", "external", "inference_hn_oar", "inference_hn_target",
                                       "postprocess", "write_seg", "write_rtstruct", "write_qa"}
 
 

@@ -10,7 +10,12 @@ import pytest
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian
 
-from autocontour.dicom_elements import format_ds, format_ds_array, put_text, put_uint
+from pydicom.sequence import Sequence as DicomSequence
+
+from autocontour.dicom_elements import (
+    encode_item, encode_sequence, encode_text, encode_uint, format_ds, format_ds_array, put_sequence, put_text,
+    put_uint, write_dataset,
+)
 
 
 def _round_trip(ds: Dataset) -> Dataset:
@@ -84,3 +89,60 @@ def test_put_refuses_unknown_keywords_and_the_wrong_kind_of_vr() -> None:
         put_text(Dataset(), "ReferencedSegmentNumber", "1")
     with pytest.raises(ValueError, match="VR UI"):
         put_uint(Dataset(), "ReferencedSOPInstanceUID", [1])
+
+
+def test_raw_elements_are_written_as_they_are(tmp_path) -> None:
+    """pydicom decodes raw elements before writing unless the item says it holds that
+    encoding; decoding 100 000 DS values cost seconds, so the writers rely on this."""
+    item = Dataset()
+    put_text(item, "ContourData", ["1.000", "2.000", "3.000"] * 1000)
+    ds = Dataset()
+    ds.SOPClassUID = "1.2.840.10008.5.1.4.1.1.481.3"
+    ds.SOPInstanceUID = "1.2.3"
+    ds.SpecificCharacterSet = "ISO_IR 192"
+    ds.ContourSequence = DicomSequence([item])
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    write_dataset(ds, tmp_path / "a.dcm")
+    assert ds.ContourSequence[0].get_item("ContourData").is_raw  # not decoded to write it
+    back = pydicom.dcmread(tmp_path / "a.dcm")
+    assert [float(v) for v in back.ContourSequence[0].ContourData[:3]] == [1.0, 2.0, 3.0]
+
+
+def test_encoded_sequences_read_back_as_the_values() -> None:
+    code = encode_item([encode_text("CodeMeaning", "Segmentation"), encode_text("CodeValue", "113076"),
+                        encode_text("CodingSchemeDesignator", "DCM")])  # given out of tag order
+    frame = encode_item([
+        encode_sequence("DerivationCodeSequence", [code]),
+        encode_text("ReferencedSOPInstanceUID", "1.2.345"),  # odd length: padded with NUL
+        encode_uint("DimensionIndexValues", (2, 70000)),
+        encode_uint("ReferencedSegmentNumber", (3,)),
+        encode_text("ContourData", ["-1.500", "2.250", "17"]),
+    ])
+    ds = Dataset()
+    put_sequence(ds, "PerFrameFunctionalGroupsSequence", [frame, frame])
+    back = _round_trip(ds).PerFrameFunctionalGroupsSequence
+    assert len(back) == 2
+    item = back[1]
+    assert [e.keyword for e in item] == ["ReferencedSOPInstanceUID", "DerivationCodeSequence", "DimensionIndexValues",
+                                         "ReferencedSegmentNumber", "ContourData"]  # written in tag order
+    assert item.ReferencedSOPInstanceUID == "1.2.345"
+    assert item.DerivationCodeSequence[0].CodeValue == "113076"
+    assert item.DerivationCodeSequence[0].CodeMeaning == "Segmentation"
+    assert list(item.DimensionIndexValues) == [2, 70000] and item.ReferencedSegmentNumber == 3
+    assert [float(v) for v in item.ContourData] == [-1.5, 2.25, 17.0]
+    # and the same in memory, before writing
+    assert ds.PerFrameFunctionalGroupsSequence[0].DerivationCodeSequence[0].CodingSchemeDesignator == "DCM"
+
+
+def test_encoders_refuse_what_does_not_fit() -> None:
+    with pytest.raises(ValueError, match="65534"):
+        encode_text("ContourData", ["123456.789"] * 7000)  # a 2-byte length holds at most 64 KB
+    with pytest.raises(ValueError, match="not a sequence"):
+        encode_sequence("ContourData", [])
+    with pytest.raises(ValueError, match="not a sequence"):
+        put_sequence(Dataset(), "ContourData", [])
+    with pytest.raises(ValueError, match="not a text element"):
+        encode_text("ReferencedSegmentNumber", "1")
+    with pytest.raises(ValueError, match="not US or UL"):
+        encode_uint("ContourData", [1])

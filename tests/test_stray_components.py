@@ -7,7 +7,7 @@ import logging
 import numpy as np
 import pytest
 
-from autocontour.postprocess import postprocess, postprocess_structure
+from autocontour.postprocess import StructureResult, external_structure, postprocess, postprocess_structure
 from autocontour.structures import STRUCTURES, structure
 from autocontour.volume import Volume
 
@@ -115,3 +115,18 @@ def test_nothing_is_clipped_when_no_patient_is_found():
 def test_external_can_be_left_out():
     vol = body_volume()
     assert "External" not in postprocess(vol, {}, external=False)
+
+
+def test_an_external_computed_beside_the_models_is_used_as_given():
+    """The app computes the External in its own operator, beside the models."""
+    vol = body_volume()
+    ptv = np.zeros(vol.array.shape, bool)
+    ptv[5:15, 5:40, 60:100] = True
+    given = external_structure(vol)
+    res = postprocess(vol, {"PTV_High": ptv}, external=given)
+    assert res["External"] is given
+    here = postprocess(vol, {"PTV_High": ptv})
+    assert np.array_equal(res["PTV_High"].mask, here["PTV_High"].mask) and res["PTV_High"].clipped_cc > 0
+    assert res["External"].centroid_lps == here["External"].centroid_lps
+    with pytest.raises(ValueError, match="External on the volume's grid"):
+        postprocess(vol, {}, external=StructureResult("External", np.zeros((2, 2, 2), bool), 0.0))
