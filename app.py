@@ -153,7 +153,7 @@ def run(argv: list[str] | None = None) -> int:
         # CuPy (imported by MONAI) creates its kernel cache folder on import: keep it in the work dir
         os.environ.setdefault("CUPY_CACHE_DIR", str(Path(workdir).resolve() / "cupy-kernel-cache"))
         with record.stage("startup_models"):
-            segmenters = open_segmenters(models, args.backend, workdir)
+            segmenters = open_segmenters(models, args.backend, workdir, concurrent=args.workers)
         if any(s.backend.name in GPU_BACKENDS for s in segmenters):
             # GPU memory and utilisation through the run, for report.json
             record.gpu_monitor = GpuMonitor.start()

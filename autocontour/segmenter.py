@@ -14,6 +14,7 @@ same time.
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import weakref
 from pathlib import Path
@@ -82,13 +83,15 @@ class Segmenter:
         workdir: Path | str = ".",
         grid_cache: ModelGridCache | None = None,
         mirror: bool | None = None,
+        threads: int | None = None,
     ) -> Segmenter:
-        """``model`` on the first backend that loads (see ``backends.select_backend``).
+        """``model`` on the first backend that loads (see ``backends.select_backend``);
+        ``threads``: the CPU backend's intra-op threads (default: one per core).
 
         Raises:
             ModelError: no backend could load the model.
         """
-        backend, _ = select_backend(model, preference, workdir)
+        backend, _ = select_backend(model, preference, workdir, threads)
         return cls(model, backend, grid_cache, mirror)
 
     @property
@@ -133,12 +136,20 @@ class Segmenter:
 
 
 def open_segmenters(
-    models: list[ModelConfig], preference: str = "auto", workdir: Path | str = ".", mirror: bool | None = None
+    models: list[ModelConfig], preference: str = "auto", workdir: Path | str = ".", mirror: bool | None = None,
+    concurrent: int = 1,
 ) -> list[Segmenter]:
     """Every model opened on its backend once, at start-up, sharing one model-grid cache.
+
+    ``concurrent``: how many models run at the same time (the graph's worker threads, at
+    most the number of models); on the CPU the cores are shared out among them, so that
+    two models side by side on 2 cores run one thread each instead of four threads
+    fighting for two cores (measured on hn-chus-052: 6.1 s against 6.5 s per CT).
 
     Raises:
         ModelError: a model could not be loaded on any backend.
     """
     cache = ModelGridCache()
-    return [Segmenter.open(m, preference, workdir, cache, mirror) for m in models]
+    side_by_side = max(1, min(concurrent, len(models)))
+    threads = max(1, (os.cpu_count() or 1) // side_by_side) if side_by_side > 1 else None
+    return [Segmenter.open(m, preference, workdir, cache, mirror, threads) for m in models]

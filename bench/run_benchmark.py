@@ -316,6 +316,11 @@ def child_agreement(args: argparse.Namespace) -> dict:
         return out
 
     ours, stock = masks_in(args.ours_output), masks_in(args.stock_output)
+    # the stock chain writes nested levels as rings of one label map (innermost wins): put
+    # each level back together with the levels inside it before comparing
+    for inner, outer in (("PTV_High", "PTV_Mid"), ("PTV_Mid", "PTV_Low")):
+        if inner in stock and outer in stock:
+            stock[outer] = stock[outer] | stock[inner]
     voxel_cc = volume.voxel_volume_cc
     res = {}
     for name in ours:

@@ -134,6 +134,7 @@ def build_app(args: argparse.Namespace, models: list[dict], repo: Path):
         CropForegroundd,
         EnsureChannelFirstd,
         Invertd,
+        Lambdad,
         LoadImaged,
         Orientationd,
         ScaleIntensityRanged,
@@ -196,16 +197,24 @@ def build_app(args: argparse.Namespace, models: list[dict], repo: Path):
             if self.model["kind"] == "softmax":
                 act = [Activationsd(keys=key, softmax=True), AsDiscreted(keys=key, argmax=True)]
             else:
-                # one uint8 label map per operator: independent labels are numbered 1..N where > 0.5
+                # the stock SEG writer takes one label map: independent labels are numbered 1..N
+                # where > 0.5; nested ones (PTV_High in PTV_Mid in PTV_Low, labels listed
+                # innermost first) share it with the innermost level winning, so its SEG holds the
+                # levels as rings (what a stock-SDK user would write; the same writing work)
                 act = [Activationsd(keys=key, sigmoid=True), AsDiscreted(keys=key, threshold=0.5)]
                 if len(self.model["labels"]) > 1:
-                    raise SystemExit(
-                        f"{self.model['name']}: several independent labels cannot share one uint8 label map"
-                    )
+                    act.append(Lambdad(keys=key, func=_innermost_label_map))
             return Compose([
                 *act,
                 Invertd(keys=key, transform=pre_transforms, orig_keys=self._input_dataset_key, nearest_interp=True),
             ])
+
+    def _innermost_label_map(x):
+        """(C, ...) 0/1 channels -> (1, ...) label map, channel c as c + 1, the lowest c winning."""
+        out = torch.zeros_like(x[:1])
+        for c in reversed(range(x.shape[0])):
+            out[0][x[c] > 0] = c + 1
+        return out
 
     class CountingPredictor:
         """Times the network's forward passes and counts windows (timing only)."""

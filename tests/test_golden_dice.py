@@ -16,7 +16,8 @@ ROOT = Path(__file__).resolve().parents[1]
 PATIENTS = 2
 
 # model -> floor on the mean Dice over its structures on the first two validation patients
-FLOORS = {"hn_oar": 0.70, "hn_target": 0.27}  # measured 0.748 (hn_oar 1.1.0) and 0.324 (hn_target 1.0.0) on pt_201, pt_202
+# measured 0.748 (hn_oar 1.1.0) and 0.594 (hn_target 2.0.0: PTV_High 0.347, PTV_Mid 0.662, PTV_Low 0.774)
+FLOORS = {"hn_oar": 0.70, "hn_target": 0.54}
 
 pytestmark = pytest.mark.slow
 

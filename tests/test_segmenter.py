@@ -112,3 +112,23 @@ def test_cache_gives_both_threads_one_image():
         t.join()
     assert got[0] is got[1]
     np.testing.assert_array_equal(got[0], inference.to_model_grid(canon, step))
+
+
+@pytest.mark.parametrize(("cpus", "concurrent", "n_models", "expected"), [
+    (2, 2, 2, 1),  # the app's default on the 2-core machine: one thread per model branch
+    (16, 2, 2, 8),
+    (2, 1, 2, None),  # one model at a time: every core (ONNX Runtime's default)
+    (2, 2, 1, None),  # one model: nothing runs beside it
+    (1, 2, 2, 1),
+])
+def test_cores_are_shared_out_among_models_running_side_by_side(monkeypatch, cpus, concurrent, n_models, expected):
+    import autocontour.segmenter as segmenter_module
+
+    seen = []
+    monkeypatch.setattr(segmenter_module.os, "cpu_count", lambda: cpus)
+    monkeypatch.setattr(segmenter_module, "select_backend",
+                        lambda model, preference, workdir, threads: (seen.append(threads) or object(), {}))
+    monkeypatch.setattr(Segmenter, "__init__", lambda self, *a, **kw: None)
+    models = [object()] * n_models
+    segmenter_module.open_segmenters(models, concurrent=concurrent)
+    assert seen == [expected] * n_models
