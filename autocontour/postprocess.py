@@ -43,6 +43,7 @@ class StructureResult:
     removed_cc: float = 0.0
     holes_filled_cc: float = 0.0
     clipped_cc: float = 0.0  # target volume outside the External, removed
+    added_from_contained_cc: float = 0.0  # voxels of a structure it contains by definition (nested PTVs), added
     removals: list[str] = field(default_factory=list)  # one line per removed component, with the reason
     excluded_cc: float = 0.0  # External only: objects above the body threshold left out (couch, head rest...)
     centroid_lps: tuple[float, float, float] | None = None
@@ -180,6 +181,25 @@ def postprocess_structure(
     return res
 
 
+def _add_contained(outer: StructureResult, inner: StructureResult, voxel_cc: float) -> None:
+    """Add to ``outer`` the voxels of ``inner`` (a structure it contains by definition) it lacks."""
+    if inner.box is None:
+        return
+    missing = inner.mask[inner.box] & ~outer.mask[inner.box]
+    n = int(np.count_nonzero(missing))
+    if n == 0:
+        return
+    mask = outer.mask.copy()
+    mask[inner.box] |= missing
+    outer.mask = mask
+    outer.added_from_contained_cc = n * voxel_cc
+    outer.volume_cc = float(np.count_nonzero(mask) * voxel_cc)
+    outer.box = bounding_box(mask)
+    outer.centroid_index = np.array(ndimage.center_of_mass(mask[outer.box])) + [b.start for b in outer.box]
+    logger.info("%s: %d voxels (%.2f cc) of %s outside it added (%s lies inside it by definition)",
+                outer.name, n, n * voxel_cc, inner.name, inner.name)
+
+
 def clip_to_external(mask: np.ndarray, external: np.ndarray) -> tuple[np.ndarray, int]:
     """``mask`` without its voxels outside ``external``, and how many were removed."""
     box = bounding_box(mask)
@@ -256,6 +276,9 @@ def postprocess(
                 logger.info("%s: %d voxels (%.2f cc) outside the External clipped", name, clipped, clipped * voxel_cc)
         res = postprocess_structure(mask, defn, voxel_cc, volume.spacing)
         res.clipped_cc = clipped * voxel_cc
+        for inner in defn.contains:
+            if inner in results:
+                _add_contained(res, results[inner], voxel_cc)
         if res.volume_cc == 0:
             res.flags.append("empty: structure not found")
         else:

@@ -226,6 +226,8 @@ def _legend_lines(results: Mapping[str, StructureResult]) -> list[tuple[tuple[in
         notes = []
         if r.clipped_cc:
             notes.append(f"{r.clipped_cc:.2f} cc outside the External clipped")
+        if r.added_from_contained_cc:
+            notes.append(f"{r.added_from_contained_cc:.2f} cc of a higher dose level added (nesting)")
         if r.components_removed:
             notes.append(f"{r.components_removed} component(s) removed, {r.removed_cc:.2f} cc")
         if name == EXTERNAL and r.excluded_cc:

@@ -31,6 +31,7 @@ def build_report(record: RunRecord, results: dict[str, StructureResult]) -> dict
                 "removed_cc": round(r.removed_cc, 3),
                 "holes_filled_cc": round(r.holes_filled_cc, 3),
                 "outside_external_clipped_cc": round(r.clipped_cc, 3),
+                "added_from_contained_cc": round(r.added_from_contained_cc, 3),
                 "removed_components": r.removals,
                 **({"objects_left_out_cc": round(r.excluded_cc, 1)} if name == EXTERNAL else {}),
                 "flags": r.flags,

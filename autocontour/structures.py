@@ -64,6 +64,11 @@ class StructureDefinition:
     left shoulder is 8 % and 98 mm away; both go.  Only the *gap* is measured (nearest
     voxels, in mm, from the CT's spacing), so a long primary PTV does not make its own
     nodes look far.
+    ``contains`` names structures that lie inside this one by definition (the nested dose
+    levels: PTV_Mid = PTV63 + PTV70 contains PTV_High, PTV_Low contains PTV_Mid); after
+    post-processing, any of their voxels outside it are added to it (logged and counted),
+    so a planner building rings from the levels never meets a sliver of a higher level
+    outside a lower one.
     ``volume_range_cc`` is the plausible volume range (2.5th-97.5th percentile of the
     OpenKBP training contours, low / 1.5 and high * 1.5, from ``python -m
     training.volume_stats``); a volume outside it is flagged, never changed.
@@ -82,6 +87,7 @@ class StructureDefinition:
     secondary_max_gap_mm: float = 30.0
     fill_holes: bool = True
     volume_range_cc: tuple[float, float] = (0.0, float("inf"))
+    contains: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if not _TG263.match(self.name):
@@ -135,15 +141,21 @@ STRUCTURES: tuple[StructureDefinition, ...] = (
         "PTV_Mid", "PTV", (255, 140, 180), MORPHOLOGICALLY_ALTERED,
         Code("228793007", "SCT", "Planning target volume"),
         max_components=4, min_component_cc=0.5, fill_holes=False, volume_range_cc=(88.0, 1134.7),
+        contains=("PTV_High",),
     ),
     StructureDefinition(
         "PTV_Low", "PTV", (80, 120, 255), MORPHOLOGICALLY_ALTERED,
         Code("228793007", "SCT", "Planning target volume"),
         max_components=4, min_component_cc=0.5, fill_holes=False, volume_range_cc=(195.1, 2369.8),
+        contains=("PTV_Mid",),
     ),
 )
 
 _BY_NAME = {s.name: s for s in STRUCTURES}
+for _outer in STRUCTURES:  # a contained structure comes earlier in the table (post-processed first)
+    for _inner in _outer.contains:
+        if _inner not in _BY_NAME or STRUCTURES.index(_BY_NAME[_inner]) >= STRUCTURES.index(_outer):
+            raise ValueError(f"{_outer.name} contains {_inner}, which must be a structure listed before it")
 if len({n.lower() for n in _BY_NAME}) != len(STRUCTURES):
     raise ValueError("structure names must be unique regardless of case (TG-263)")
 

@@ -147,10 +147,11 @@ def test_real_ct_external_in_both_objects_targets_inside_no_stray_piece(chus_run
         removed = by_name[name]["removed_components"]
         assert len(removed) == by_name[name]["components_removed"]
     assert sum("stray component" in line for t in targets for line in by_name[t]["removed_components"]) >= 1
-    # the three dose levels are nested, as the clinical volumes are by definition
-    voxel_cc = volume.voxel_volume_cc
-    assert (seg_masks["PTV_High"] & ~seg_masks["PTV_Mid"]).sum() * voxel_cc < 0.5
-    assert (seg_masks["PTV_Mid"] & ~seg_masks["PTV_Low"]).sum() * voxel_cc < 0.5
+    # the three dose levels are nested, as the clinical volumes are by definition (the model
+    # nests them to within 0.02 cc here; post-processing adds what is missing)
+    assert not (seg_masks["PTV_High"] & ~seg_masks["PTV_Mid"]).any()
+    assert not (seg_masks["PTV_Mid"] & ~seg_masks["PTV_Low"]).any()
+    assert by_name["PTV_Mid"]["added_from_contained_cc"] < 0.5
     for name in ("Brainstem", "SpinalCord", "Parotid_L", "Parotid_R", "Larynx", "Bone_Mandible"):
         assert ndimage.label(seg_masks[name], structure=np.ones((3, 3, 3), bool))[1] == 1, name
 

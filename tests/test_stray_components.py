@@ -130,3 +130,41 @@ def test_an_external_computed_beside_the_models_is_used_as_given():
     assert res["External"].centroid_lps == here["External"].centroid_lps
     with pytest.raises(ValueError, match="External on the volume's grid"):
         postprocess(vol, {}, external=StructureResult("External", np.zeros((2, 2, 2), bool), 0.0))
+
+
+def test_nested_dose_levels_contain_the_higher_ones(caplog):
+    """PTV_Mid = PTV63 + PTV70 contains PTV_High and PTV_Low contains PTV_Mid by definition:
+    a higher level's voxels outside a lower one are added to it, logged and counted."""
+    vol = body_volume()
+    high = np.zeros(vol.array.shape, bool)
+    high[6:12, 15:30, 60:80] = True
+    mid = np.zeros_like(high)
+    mid[5:13, 14:31, 59:78] = True  # misses high's two last columns
+    low = np.zeros_like(high)
+    low[4:14, 12:33, 55:85] = True  # holds both
+    with caplog.at_level(logging.INFO, logger="autocontour.postprocess"):
+        res = postprocess(vol, {"PTV_High": high, "PTV_Mid": mid, "PTV_Low": low})
+    ext = res["External"].mask  # the phantom's targets stick out of it: they are clipped first
+    missing = int((res["PTV_High"].mask & ~(mid & ext)).sum())
+    assert missing > 100
+    assert not (res["PTV_High"].mask & ~res["PTV_Mid"].mask).any()
+    assert not (res["PTV_Mid"].mask & ~res["PTV_Low"].mask).any()
+    assert res["PTV_Mid"].added_from_contained_cc == pytest.approx(missing * vol.voxel_volume_cc)
+    assert res["PTV_Mid"].volume_cc == pytest.approx(((mid | high) & ext).sum() * vol.voxel_volume_cc)
+    assert res["PTV_Low"].added_from_contained_cc == 0 and res["PTV_High"].added_from_contained_cc == 0
+    assert any("of PTV_High outside it added" in r.message for r in caplog.records)
+    # an empty lower level becomes the higher one (the model found the region at one level only)
+    res = postprocess(vol, {"PTV_High": high, "PTV_Mid": np.zeros_like(high)})
+    assert np.array_equal(res["PTV_Mid"].mask, res["PTV_High"].mask)
+    assert "empty: structure not found" not in res["PTV_Mid"].flags
+    assert res["PTV_Mid"].centroid_lps == res["PTV_High"].centroid_lps
+
+
+def test_the_table_lists_a_contained_structure_before_its_container():
+    from autocontour.structures import STRUCTURES, structure
+
+    names = [s.name for s in STRUCTURES]
+    assert structure("PTV_Mid").contains == ("PTV_High",) and structure("PTV_Low").contains == ("PTV_Mid",)
+    for s in STRUCTURES:
+        for inner in s.contains:
+            assert names.index(inner) < names.index(s.name)
