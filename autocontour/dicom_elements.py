@@ -42,7 +42,7 @@ from autocontour.errors import OutputError
 logger = logging.getLogger(__name__)
 
 __all__ = [
-    "put_text", "put_uint", "put_sequence", "encode_text", "encode_uint", "encode_sequence", "encode_item", "format_ds", "format_ds_array", "require_lo", "write_dataset", "copy_patient_and_study",
+    "put_text", "put_uint", "put_sequence", "mark_explicit_little", "encode_text", "encode_uint", "encode_sequence", "encode_item", "format_ds", "format_ds_array", "require_lo", "write_dataset", "copy_patient_and_study",
     "PATIENT_STUDY_KEYWORDS",
 ]
 
@@ -67,10 +67,19 @@ def _put(ds: Dataset, keyword: str, value: bytes, kinds: set[str] | dict[str, st
     if len(value) % 2:  # even length: UI padded with NUL, other text with a space
         value += b"\x00" if vr == "UI" else b" "
     ds[tag] = RawDataElement(tag, vr, len(value), value, 0, False, True)
-    # pydicom writes a dataset's raw elements as they are only when the dataset says it was
-    # read with the encoding being written (explicit VR little endian, its own character
-    # set); otherwise it decodes every one of them first (a DS value at a time: seconds
-    # for an RTSTRUCT's contours)
+    mark_explicit_little(ds)
+
+
+def mark_explicit_little(ds: Dataset) -> None:
+    """Say that ``ds`` holds explicit VR little endian values in its own character set.
+
+    pydicom writes a dataset's raw elements as they are only when the dataset says it was
+    read with the encoding being written; otherwise it decodes every one of them first (a
+    DS value at a time: seconds for an RTSTRUCT's contours) and walks every sequence to
+    correct ambiguous VRs (parsing the pre-encoded ones).  For datasets the writers build
+    themselves, which hold no ambiguous-VR element ("US or SS", "OB or OW").  The character
+    set is the one the dataset has when this is called: call it after SpecificCharacterSet.
+    """
     if ds.original_encoding != (False, True) or ds.original_character_set != ds._character_set:
         ds.set_original_encoding(False, True, ds._character_set)
 

@@ -29,7 +29,7 @@ from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
 
 from autocontour.dicom_elements import (
     PATIENT_STUDY_KEYWORDS, copy_patient_and_study, encode_item, encode_sequence, encode_text, format_ds,
-    format_ds_array, put_sequence, require_lo,
+    format_ds_array, mark_explicit_little, put_sequence, require_lo,
 )
 from autocontour.errors import GeometryError
 from autocontour.postprocess import bounding_box
@@ -311,6 +311,8 @@ def build_rtstruct(
     # Approval
     ds.ApprovalStatus = "UNAPPROVED"
 
+    # built here, no ambiguous VR: written as it is, the pre-encoded contours untouched
+    mark_explicit_little(ds)
     ds.file_meta = FileMetaDataset()
     ds.file_meta.MediaStorageSOPClassUID = ds.SOPClassUID
     ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID

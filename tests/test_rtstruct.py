@@ -628,3 +628,18 @@ def test_dciodvfy_conformance_clinical_header(clinical, tmp_path):
     body = rasterise_rtstruct(rtss, volume)["BODY"]
     ds = build_rtstruct(volume, {"BODY": body}, definitions={"BODY": external("BODY")}, **WRITE_ARGS)
     check_dciodvfy(write_dataset(ds, tmp_path / "rs.dcm"), DCIODVFY_ALLOWED_WARNINGS["clinical"])
+
+
+def test_contours_are_written_as_encoded_and_read_back_the_same(tmp_path):
+    """The contour items are pre-encoded bytes; writing must not parse them back into
+    datasets (that cost most of a second for an External) and the file must hold them."""
+    volume = make_volume()
+    masks = make_masks()
+    ds = build_rtstruct(volume, masks, **WRITE_ARGS)
+    write_dataset(ds, tmp_path / "rs.dcm")
+    for item in ds.ROIContourSequence:
+        if "ContourSequence" in item:
+            assert item.get_item("ContourSequence").is_raw
+    back = pydicom.dcmread(tmp_path / "rs.dcm")
+    for name, mask in masks.items():
+        assert np.array_equal(rasterise_rtstruct(back, volume, strict=True)[name], np.asarray(mask) != 0), name
