@@ -274,7 +274,7 @@ def _ldconfig() -> str:
         f"     find {sp} -maxdepth 1 -type d -name tensorrt_libs) > /etc/ld.so.conf.d/zz-python-wheels.conf \\\n"
         " && ldconfig \\\n"
         f" && {VENV_DIR}/bin/python -W ignore -c "
-        '"import monai.deploy.core, holoscan.core, onnxruntime, pydicom, highdicom, skimage, scipy, yaml"'
+        '"import monai.deploy.core, holoscan.core, onnxruntime, pydicom, highdicom, scipy, yaml"'
     )
 
 
