@@ -27,7 +27,8 @@ from autocontour.volume import BODY_HU, Volume
 logger = logging.getLogger(__name__)
 
 __all__ = [
-    "StructureResult", "bounding_box", "clip_to_external", "external_structure", "postprocess", "postprocess_structure", "laterality_flag",
+    "StructureResult", "bounding_box", "clip_to_external", "external_structure", "postprocess", "postprocess_structure",
+    "laterality_flag",
 ]
 
 # 26-connectivity: touching at a corner is one component.
