@@ -16,8 +16,8 @@ a SEG or RTSTRUCT of one CT holds tens of thousands of them, all produced by our
 in a known-valid form.  ``put_text`` / ``put_uint`` store a ``RawDataElement`` holding the
 explicit-VR little-endian bytes instead (tag and VR from pydicom's data dictionary) and
 marks the item as read in that encoding, so pydicom writes them as they are and decodes
-them like any element read from a file only when they are accessed.  Only for values the writers format themselves, in datasets written
-with explicit VR little endian.
+them like any element read from a file only when they are accessed.  Only for values the
+writers format themselves, in datasets written with explicit VR little endian.
 """
 
 from __future__ import annotations
@@ -42,7 +42,8 @@ from autocontour.errors import OutputError
 logger = logging.getLogger(__name__)
 
 __all__ = [
-    "put_text", "put_uint", "put_sequence", "mark_explicit_little", "encode_text", "encode_uint", "encode_sequence", "encode_item", "format_ds", "format_ds_array", "require_lo", "write_dataset", "copy_patient_and_study",
+    "put_text", "put_uint", "put_sequence", "mark_explicit_little", "encode_text", "encode_uint", "encode_sequence",
+    "encode_item", "format_ds", "format_ds_array", "require_lo", "write_dataset", "copy_patient_and_study",
     "PATIENT_STUDY_KEYWORDS",
 ]
 
@@ -60,12 +61,29 @@ def _tag_and_vr(keyword: str) -> tuple[BaseTag, str]:
     return Tag(tag), dictionary_VR(tag)
 
 
-def _put(ds: Dataset, keyword: str, value: bytes, kinds: set[str] | dict[str, str]) -> None:
+def _element_value(keyword: str, value: bytes, vrs, kind: str) -> tuple[BaseTag, str, bytes]:
+    """Tag, VR and the value padded to even length (UI with NUL, the rest with a space),
+    or ValueError when ``keyword``'s VR is not one of ``vrs`` (``kind`` names them)."""
     tag, vr = _tag_and_vr(keyword)
-    if vr not in kinds:
-        raise ValueError(f"{keyword} has VR {vr}, not one of {sorted(kinds)}")
-    if len(value) % 2:  # even length: UI padded with NUL, other text with a space
+    if vr not in vrs:
+        raise ValueError(f"{keyword} has VR {vr}, not {kind}")
+    if len(value) % 2:
         value += b"\x00" if vr == "UI" else b" "
+    return tag, vr, value
+
+
+def _text(values: str | Sequence[str]) -> bytes:
+    """ASCII values, several joined by the DICOM backslash."""
+    return (values if isinstance(values, str) else "\\".join(values)).encode("ascii")
+
+
+def _uints(keyword: str, values: Sequence[int]) -> bytes:
+    """Little-endian unsigned integers of the width of ``keyword``'s VR (US 2 bytes, else 4)."""
+    return np.asarray(values, _UINT_DTYPES.get(_tag_and_vr(keyword)[1], "<u4")).tobytes()
+
+
+def _put(ds: Dataset, keyword: str, value: bytes, vrs, kind: str) -> None:
+    tag, vr, value = _element_value(keyword, value, vrs, kind)
     ds[tag] = RawDataElement(tag, vr, len(value), value, 0, False, True)
     mark_explicit_little(ds)
 
@@ -86,14 +104,12 @@ def mark_explicit_little(ds: Dataset) -> None:
 
 def put_text(ds: Dataset, keyword: str, values: str | Sequence[str]) -> None:
     """Set a text element of ``ds`` (ASCII values; several joined by the DICOM backslash)."""
-    text = values if isinstance(values, str) else "\\".join(values)
-    _put(ds, keyword, text.encode("ascii"), _TEXT_VRS)
+    _put(ds, keyword, _text(values), _TEXT_VRS, "a text element")
 
 
 def put_uint(ds: Dataset, keyword: str, values: Sequence[int]) -> None:
     """Set a US or UL element of ``ds``."""
-    _, vr = _tag_and_vr(keyword)
-    _put(ds, keyword, np.asarray(values, _UINT_DTYPES.get(vr, "<u4")).tobytes(), _UINT_DTYPES)
+    _put(ds, keyword, _uints(keyword, values), _UINT_DTYPES, "US or UL")
 
 
 # explicit VR: these VRs have a reserved 2 bytes and a 4-byte length, the others a 2-byte length
@@ -101,11 +117,9 @@ _LONG_LENGTH_VRS = {"OB", "OD", "OF", "OL", "OV", "OW", "SQ", "SV", "UC", "UN", 
 _ITEM_TAG = b"\xfe\xff\x00\xe0"  # (FFFE,E000), little endian
 
 
-def _encode(keyword: str, value: bytes) -> bytes:
+def _encode(keyword: str, value: bytes, vrs, kind: str) -> bytes:
     """One data element in explicit VR little endian (tag and VR from the dictionary)."""
-    tag, vr = _tag_and_vr(keyword)
-    if len(value) % 2:
-        value += b"\x00" if vr == "UI" else b" "
+    tag, vr, value = _element_value(keyword, value, vrs, kind)
     head = struct.pack("<HH", tag.group, tag.elem) + vr.encode("ascii")
     if vr in _LONG_LENGTH_VRS:
         return head + struct.pack("<HI", 0, len(value)) + value
@@ -116,18 +130,12 @@ def _encode(keyword: str, value: bytes) -> bytes:
 
 def encode_text(keyword: str, values: str | Sequence[str]) -> bytes:
     """A text element (ASCII values; several joined by the DICOM backslash), encoded."""
-    text = values if isinstance(values, str) else "\\".join(values)
-    if _tag_and_vr(keyword)[1] not in _TEXT_VRS:
-        raise ValueError(f"{keyword} is not a text element")
-    return _encode(keyword, text.encode("ascii"))
+    return _encode(keyword, _text(values), _TEXT_VRS, "a text element")
 
 
 def encode_uint(keyword: str, values: Sequence[int]) -> bytes:
     """A US or UL element, encoded."""
-    vr = _tag_and_vr(keyword)[1]
-    if vr not in _UINT_DTYPES:
-        raise ValueError(f"{keyword} has VR {vr}, not US or UL")
-    return _encode(keyword, np.asarray(values, _UINT_DTYPES[vr]).tobytes())
+    return _encode(keyword, _uints(keyword, values), _UINT_DTYPES, "US or UL")
 
 
 def encode_item(elements: Iterable[bytes]) -> bytes:
@@ -138,17 +146,13 @@ def encode_item(elements: Iterable[bytes]) -> bytes:
 
 def encode_sequence(keyword: str, items: Iterable[bytes]) -> bytes:
     """A sequence element (defined length) of encoded items."""
-    if _tag_and_vr(keyword)[1] != "SQ":
-        raise ValueError(f"{keyword} is not a sequence")
-    return _encode(keyword, b"".join(items))
+    return _encode(keyword, b"".join(items), {"SQ"}, "a sequence")
 
 
 def put_sequence(ds: Dataset, keyword: str, items: Sequence[bytes]) -> None:
     """Set a sequence of ``ds`` from encoded items (``encode_item``); pydicom decodes it
     like a sequence read from a file when it is accessed, and writes it as it is."""
-    if _tag_and_vr(keyword)[1] != "SQ":
-        raise ValueError(f"{keyword} is not a sequence")
-    _put(ds, keyword, b"".join(items), {"SQ"})
+    _put(ds, keyword, b"".join(items), {"SQ"}, "a sequence")
 
 
 def format_ds(value: float) -> str:

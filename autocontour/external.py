@@ -52,6 +52,7 @@ __all__ = [
     "ExternalResult",
     "check_external",
     "external_mask",
+    "fill_holes_per_slice",
 ]
 
 EXTERNAL_HU = -350.0  # tissue above, air / foam / lung below (volume.BODY_HU, -400: any tissue or couch, for crops)
@@ -131,6 +132,18 @@ def _largest_component(mask: np.ndarray, structure: np.ndarray) -> np.ndarray:
     return labels == sizes.argmax()
 
 
+def fill_holes_per_slice(mask: np.ndarray) -> np.ndarray:
+    """Each axial slice's holes filled: ``ndimage.binary_fill_holes`` slice by slice (background
+    4-connected, what touches the edge of the array is outside), with one labelling for all
+    slices.  Also used for the organs (``postprocess``)."""
+    background = np.pad(~mask, ((0, 0), (1, 1), (1, 1)), constant_values=True)
+    labels, n = ndimage.label(background, structure=_IN_PLANE_4)
+    enclosed = np.ones(n + 1, bool)
+    enclosed[0] = False  # the mask itself
+    enclosed[labels[:, 0, 0]] = False  # each slice's padding ring: the background reaching the edge
+    return mask | enclosed[labels[:, 1:-1, 1:-1]]
+
+
 def _fill_holes_and_drop_specks(mask: np.ndarray, min_island_px: int, chunk: int = 16) -> tuple[np.ndarray, int]:
     """Background enclosed by ``mask`` on its own axial slice becomes foreground, and
     pieces of a slice smaller than ``min_island_px`` (specks joined to the patient only
@@ -150,13 +163,7 @@ def _fill_holes_and_drop_specks(mask: np.ndarray, min_island_px: int, chunk: int
             continue
         is_ = np.flatnonzero(part.any(axis=(0, 1)))
         box = (slice(None), slice(int(js[0]), int(js[-1]) + 1), slice(int(is_[0]), int(is_[-1]) + 1))
-        background = np.pad(~part[box], ((0, 0), (1, 1), (1, 1)), constant_values=True)
-        labels, n = ndimage.label(background, structure=_IN_PLANE_4)
-        inside = np.ones(n + 1, bool)  # lookup: label -> enclosed
-        inside[labels[:, 0, :]] = False  # the padding ring touches every edge component
-        inside[labels[:, :, 0]] = False
-        inside[0] = False
-        filled = part[box] | inside[labels[:, 1:-1, 1:-1]]
+        filled = fill_holes_per_slice(part[box])
         labels, n = ndimage.label(filled, structure=_IN_PLANE_8)
         sizes = np.bincount(labels.ravel(), minlength=n + 1)
         small = sizes < min_island_px

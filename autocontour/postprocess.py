@@ -20,7 +20,7 @@ import numpy as np
 from scipy import ndimage
 from scipy.spatial import cKDTree
 
-from autocontour.external import check_external, external_mask
+from autocontour.external import check_external, external_mask, fill_holes_per_slice
 from autocontour.structures import EXTERNAL, Laterality, StructureDefinition, structure
 from autocontour.volume import BODY_HU, Volume
 
@@ -66,21 +66,6 @@ def laterality_flag(defn: StructureDefinition, centroid_lps: np.ndarray, midline
     if defn.laterality is Laterality.RIGHT and dx >= 0:
         return f"laterality: {defn.name} centroid is {abs(dx):.1f} mm to the patient's LEFT of the midline"
     return None
-
-
-_IN_PLANE_4 = np.zeros((3, 3, 3), bool)
-_IN_PLANE_4[1] = ndimage.generate_binary_structure(2, 1)
-
-
-def _fill_holes_per_slice(mask: np.ndarray) -> np.ndarray:
-    """Each axial slice's holes filled: ``ndimage.binary_fill_holes`` slice by slice (background
-    4-connected, what touches the edge is outside), done for all slices with one labelling."""
-    background = np.pad(~mask, ((0, 0), (1, 1), (1, 1)), constant_values=True)
-    labels, n = ndimage.label(background, structure=_IN_PLANE_4)
-    enclosed = np.ones(n + 1, bool)
-    enclosed[0] = False  # the mask itself
-    enclosed[labels[:, 0, 0]] = False  # each slice's padding ring: the background reaching the edge
-    return mask | enclosed[labels[:, 1:-1, 1:-1]]
 
 
 def bounding_box(mask: np.ndarray) -> tuple[slice, ...] | None:
@@ -177,7 +162,7 @@ def postprocess_structure(
                 )
             sub = np.isin(lab, np.array(keep) + 1)
             if defn.fill_holes:
-                filled = _fill_holes_per_slice(sub)
+                filled = fill_holes_per_slice(sub)
                 res.holes_filled_cc = float((filled & ~sub).sum() * voxel_cc)
                 sub = filled
             mask = np.zeros(mask.shape, bool)  # calloc: untouched pages stay free

@@ -3,9 +3,10 @@
 Writing (``mask_to_contours``, ``build_rtstruct``; ``dicom_elements.write_dataset`` saves it)
     Each slice ``k`` of a boolean mask is traced with marching squares at level 0.5 on
     the mask padded by one pixel (``autocontour.tracing``, all slices of a structure at
-    once), so every outer boundary and every hole boundary is its own closed polygon.  Planning systems (Eclipse, RayStation, Monaco, Pinnacle) combine
-    the contours of one ROI on one slice by the even-odd rule, so a hole is written as
-    one more contour inside its outer boundary.  All geometry goes through
+    once), so every outer boundary and every hole boundary is its own closed polygon.
+    Planning systems (Eclipse, RayStation, Monaco, Pinnacle) combine the contours of one
+    ROI on one slice by the even-odd rule, so a hole is written as one more contour
+    inside its outer boundary.  All geometry goes through
     ``Volume.affine``; the points of a contour all carry exactly the z of the CT slice
     they are drawn on and reference that slice's SOP Instance UID.
 
@@ -274,7 +275,14 @@ def build_rtstruct(
     ds.ReferencedFrameOfReferenceSequence = DicomSequence([_referenced_frame(volume, study_uid)])
 
     slice_z = [_slice_z_text(volume, k) for k in range(n_slices)]
-    slice_refs = [_image_ref(volume.datasets[k], volume.sop_instance_uids[k]) for k in range(n_slices)]
+    # each slice's Contour Image Sequence, encoded once for every structure drawn on it
+    slice_images = [
+        encode_sequence("ContourImageSequence", [encode_item([
+            encode_text("ReferencedSOPClassUID", _sop_class(volume.datasets[k])),
+            encode_text("ReferencedSOPInstanceUID", volume.sop_instance_uids[k]),
+        ])])
+        for k in range(n_slices)
+    ]
     roi_items, contour_items, observation_items = [], [], []
     for number, (name, definition) in enumerate(zip(masks, defs), start=1):
         roi = Dataset()
@@ -289,7 +297,7 @@ def build_rtstruct(
         roi_contour.ROIDisplayColor = list(definition.rgb)
         roi_contour.ReferencedROINumber = number
         mask = np.asarray(masks[name])
-        contours = _contour_items(mask if mask.dtype == np.bool_ else mask != 0, volume, slice_z, slice_refs)
+        contours = _contour_items(mask if mask.dtype == np.bool_ else mask != 0, volume, slice_z, slice_images)
         if contours:
             put_sequence(roi_contour, "ContourSequence", contours)
             logger.info("RTSTRUCT ROI %d %s: %d contours", number, definition.name, len(contours))
@@ -338,7 +346,7 @@ def _referenced_frame(volume: Volume, study_uid: str) -> Dataset:
 
 
 def _contour_items(
-    mask: np.ndarray, volume: Volume, slice_z: Sequence[str], slice_refs: Sequence[Dataset]
+    mask: np.ndarray, volume: Volume, slice_z: Sequence[str], slice_images: Sequence[bytes]
 ) -> list[bytes]:
     """The Contour Sequence items of one structure, encoded (``dicom_elements.encode_item``).
 
@@ -356,17 +364,13 @@ def _contour_items(
     closed_planar = encode_text("ContourGeometricType", "CLOSED_PLANAR")
     for k_box in sorted(traced):
         k = box[0].start + k_box
-        image = encode_sequence("ContourImageSequence", [encode_item([
-            encode_text("ReferencedSOPClassUID", str(slice_refs[k].ReferencedSOPClassUID)),
-            encode_text("ReferencedSOPInstanceUID", str(slice_refs[k].ReferencedSOPInstanceUID)),
-        ])])
         # every point exactly on the slice's plane: (x, y) formatted, z the slice's own text
         point_text = "{}\\{}\\" + slice_z[k]
         for rc in traced[k_box]:
             points = _to_patient(rc, volume.affine, k, origin_rc)
             xy = format_ds_array(points[:, :2])
-            items.append(encode_item([  # in tag order
-                image,
+            items.append(encode_item([
+                slice_images[k],
                 closed_planar,
                 encode_text("NumberOfContourPoints", str(len(points))),
                 encode_text("ContourNumber", str(len(items) + 1)),

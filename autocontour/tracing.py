@@ -38,36 +38,31 @@ import numpy as np
 
 __all__ = ["trace_slices"]
 
-# cell code = a + 2 b + 4 d + 8 c  ->  the (entry edge, exit edge) of each segment
-_SEGMENTS: dict[int, list[tuple[int, int]]] = {}
+# cell code = a + 2 b + 4 d + 8 c -> the entry edge and exit edge of each of its (at most
+# two: saddles) segments, -1 where there is no second segment
+_ENTRY = np.full((16, 2), -1, np.int64)
+_EXIT = np.full((16, 2), -1, np.int64)
 
 
 def _build_table() -> None:
     for code in range(1, 15):
         a, b, d, c = ((code >> bit) & 1 for bit in range(4))
         inside = [a, b, c, d]  # clockwise
-        segments = []
+        saddle = inside in ([1, 0, 1, 0], [0, 1, 0, 1])  # each inside corner is its own run
+        n = 0
         for q in range(4):  # corner q ends edge (q - 1) and starts edge q
             if not inside[q] or inside[q - 1]:
                 continue  # q does not start a run of inside corners
             last = q
-            if not (inside[0] and inside[2] and not inside[1] and not inside[3]) and not (
-                inside[1] and inside[3] and not inside[0] and not inside[2]
-            ):
-                while inside[(last + 1) % 4]:
-                    last = (last + 1) % 4
-            segments.append(((q - 1) % 4, last))  # entry edge before the run, exit edge after it
-        _SEGMENTS[code] = segments
+            while not saddle and inside[(last + 1) % 4]:
+                last = (last + 1) % 4
+            # entry edge before the run, exit edge after it
+            _ENTRY[code, n], _EXIT[code, n] = (q - 1) % 4, last
+            n += 1
 
 
 _build_table()
 
-# per code, up to two segments as arrays: entry edge, exit edge (-1: no second segment)
-_ENTRY = np.full((16, 2), -1, np.int64)
-_EXIT = np.full((16, 2), -1, np.int64)
-for _code, _segs in _SEGMENTS.items():
-    for _n, (_entry, _exit) in enumerate(_segs):
-        _ENTRY[_code, _n], _EXIT[_code, _n] = _entry, _exit
 # vertex of edge e of cell (r, c), in doubled coordinates relative to (2 r, 2 c)
 _EDGE_DY = np.array([0, 1, 2, 1], np.int64)
 _EDGE_DX = np.array([1, 2, 1, 0], np.int64)

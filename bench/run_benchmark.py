@@ -303,6 +303,7 @@ def child_agreement(args: argparse.Namespace) -> dict:
     from autocontour.ct_volume import build_volume
     from autocontour.readback import read_seg_masks
     from autocontour.series_selection import SelectionRules, scan_folder, select_series
+    from autocontour.structures import STRUCTURES
 
     cands, _ = scan_folder(args.input)
     volume = build_volume(select_series(cands, SelectionRules.from_yaml(), args.input))
@@ -317,10 +318,12 @@ def child_agreement(args: argparse.Namespace) -> dict:
 
     ours, stock = masks_in(args.ours_output), masks_in(args.stock_output)
     # the stock chain writes nested levels as rings of one label map (innermost wins): put
-    # each level back together with the levels inside it before comparing
-    for inner, outer in (("PTV_High", "PTV_Mid"), ("PTV_Mid", "PTV_Low")):
-        if inner in stock and outer in stock:
-            stock[outer] = stock[outer] | stock[inner]
+    # each level back together with the levels inside it (the table's ``contains``, in table
+    # order: PTV_Mid gets PTV_High, then PTV_Low gets the whole PTV_Mid) before comparing
+    for outer in STRUCTURES:
+        for inner in outer.contains:
+            if inner in stock and outer.name in stock:
+                stock[outer.name] = stock[outer.name] | stock[inner]
     voxel_cc = volume.voxel_volume_cc
     res = {}
     for name in ours:

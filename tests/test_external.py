@@ -19,7 +19,7 @@ from scipy import ndimage
 from skimage import measure, morphology
 
 from autocontour.ct_volume import build_volume
-from autocontour.external import EXTERNAL_HU, check_external, external_mask
+from autocontour.external import EXTERNAL_HU, check_external, external_mask, fill_holes_per_slice
 from autocontour.series_selection import SelectionRules, scan_folder, select_series
 from autocontour.volume import Volume
 from conftest import ROOT, SHARED_DATA
@@ -254,3 +254,15 @@ def test_sample_external():
     assert ext[tissue].mean() > 0.99
     assert ndimage.label(ext, structure=np.ones((3, 3, 3), bool))[1] == 1
     assert check_external(vol, ext) == []
+
+
+def test_holes_are_filled_slice_by_slice_as_binary_fill_holes_does():
+    rng = np.random.default_rng(7)
+    for _ in range(20):
+        mask = rng.random((int(rng.integers(1, 5)), int(rng.integers(3, 30)), int(rng.integers(3, 30)))) > 0.4
+        expected = np.stack([ndimage.binary_fill_holes(m) for m in mask])
+        assert np.array_equal(fill_holes_per_slice(mask), expected)
+    ring = np.zeros((2, 7, 7), bool)
+    ring[0, 1:6, 1:6] = True
+    ring[0, 2:5, 2:5] = False  # a hole on slice 0 only: slice 1 stays empty
+    assert fill_holes_per_slice(ring)[0, 3, 3] and not fill_holes_per_slice(ring)[1].any()

@@ -90,18 +90,3 @@ def test_bounding_box_is_the_extent_of_the_true_voxels(shape, seed):
     assert bounding_box(mask) == expected
     assert bounding_box(np.zeros(shape, bool)) is None
 
-
-def test_holes_are_filled_slice_by_slice_as_binary_fill_holes_does():
-    from scipy import ndimage
-
-    from autocontour.postprocess import _fill_holes_per_slice
-
-    rng = np.random.default_rng(7)
-    for _ in range(20):
-        mask = rng.random((int(rng.integers(1, 5)), int(rng.integers(3, 30)), int(rng.integers(3, 30)))) > 0.4
-        expected = np.stack([ndimage.binary_fill_holes(m) for m in mask])
-        assert np.array_equal(_fill_holes_per_slice(mask), expected)
-    ring = np.zeros((2, 7, 7), bool)
-    ring[0, 1:6, 1:6] = True
-    ring[0, 2:5, 2:5] = False  # a hole on slice 0 only: slice 1 stays empty
-    assert _fill_holes_per_slice(ring)[0, 3, 3] and not _fill_holes_per_slice(ring)[1].any()
