@@ -9,6 +9,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from training.context import one_hot_context
 from training.augment import NO_AUGMENTATION, AugmentConfig, Patch, augment_intensity, cut_patch, known_slices, mirror_lr
 from training.data import OPENKBP_ROIS, Case
 from training.metrics import dice, hd95, restrict_to_slices, surface_dice
@@ -130,6 +131,41 @@ def test_rotated_scaled_patch_keeps_geometry():
     # source slices 20..40 map to output slices 20 +- 10 / 1.25 = 12..28
     known = np.flatnonzero(p.known_z[0])
     assert known[0] == 12 and known[-1] == 28
+
+
+def test_context_label_map_is_cut_and_mirrored_with_the_patch():
+    """The organ model's label map given to the target model moves with the image: the
+    same crop, the same rotation (nearest neighbour), and under mirroring its left parotid
+    becomes the right one, exactly as the organ model would label the mirrored patient."""
+    case = _case()
+    oar, target = TASKS["hn_oar"], TASKS["hn_target_ctx"]
+    assert target.context == "hn_oar" and target.in_channels == 1 + len(oar.outputs)
+    ctx, _ = oar.targets(case)  # stands in for the organ model's output
+    tgt, _ = target.targets(case)
+    kz = target.known_slices(case)
+    img = case.ct.astype(np.float32)
+    p = cut_patch(img, tgt, kz, np.array([20, 24, 24]), (16, 32, 32), np.random.default_rng(0), NO_AUGMENTATION, ctx)
+    assert np.array_equal(p.context, ctx[12:28, 8:40, 8:40])
+    names = [n for n, _ in oar.outputs]
+    pl, pr = names.index("Parotid_L") + 1, names.index("Parotid_R") + 1
+    m = mirror_lr(p, target.mirror_pairs, softmax=False, context_swap=oar.mirror_pairs)
+    expect = p.context[..., ::-1].copy()
+    left, right = expect == pl, expect == pr
+    expect[left], expect[right] = pr, pl
+    assert np.array_equal(m.context, expect)
+    assert (m.context == pl).any() and (m.context == pr).any()
+    # rotated and scaled: the context follows the target's geometry voxel for voxel where both are labels
+    cfg = AugmentConfig(p_rotation=1.0, p_scale=1.0)
+    both = np.where(case.masks[OPENKBP_ROIS.index("PTV70")], 9, 0).astype(np.uint8)
+    r = cut_patch(img, both, kz, np.array([20, 24, 24]), (16, 32, 32), np.random.default_rng(3), cfg, both)
+    assert np.array_equal(r.context, r.target) and (r.context == 9).any()
+
+
+def test_context_one_hot_leaves_background_out():
+    lab = np.array([[[0, 1, 7, 3]]], np.uint8)
+    oh = one_hot_context(lab, 7)
+    assert oh.shape == (7, 1, 1, 4) and oh.dtype == np.float32
+    assert oh[:, 0, 0, 0].sum() == 0 and oh[0, 0, 0, 1] == 1 and oh[6, 0, 0, 2] == 1 and oh[2, 0, 0, 3] == 1
 
 
 def test_intensity_augmentation_is_bounded_and_seeded():

@@ -62,6 +62,7 @@ class Patch:
     image: np.ndarray  # float32 (pz, py, px)
     target: np.ndarray  # int64 (pz, py, px) labels, or float32 (n_out, pz, py, px)
     known_z: np.ndarray  # bool (n_out, pz)
+    context: np.ndarray | None = None  # uint8 (pz, py, px) label map of another model, if any
 
 
 def known_slices(masks_present: np.ndarray, masks: list[np.ndarray | None], partial_length: tuple[bool, ...]) -> np.ndarray:
@@ -99,13 +100,14 @@ def _crop(arr: np.ndarray, start: np.ndarray, size: np.ndarray, pad_value) -> np
 
 def cut_patch(
     image: np.ndarray, target: np.ndarray, known_z: np.ndarray, centre: np.ndarray, patch: tuple[int, int, int],
-    rng: np.random.Generator, cfg: AugmentConfig,
+    rng: np.random.Generator, cfg: AugmentConfig, context: np.ndarray | None = None,
 ) -> Patch:
     """A patch centred on ``centre`` (z, y, x voxel), rotated/scaled with the config's odds.
 
     Output voxel g samples source position ``centre + A (g - (patch - 1) / 2)``, with
     ``A = s * R`` (R a rotation in the (y, x) plane).  Without rotation or scaling the patch
-    is an exact crop.  The image is interpolated linearly (pad 0), labels by nearest neighbour.
+    is an exact crop.  The image is interpolated linearly (pad 0), labels by nearest neighbour;
+    ``context`` (another model's label map, training/context.py) is cut as a label map.
     """
     p = np.array(patch)
     rotate = rng.random() < cfg.p_rotation
@@ -116,7 +118,8 @@ def cut_patch(
         z0, z1 = max(start[0], 0), min(start[0] + p[0], known_z.shape[1])
         if z1 > z0:
             kz[:, z0 - start[0] : z1 - start[0]] = known_z[:, z0:z1]
-        return Patch(_crop(image, start, p, np.float32(0)), _crop(target, start, p, target.dtype.type(0)), kz)
+        ctx = None if context is None else _crop(context, start, p, context.dtype.type(0))
+        return Patch(_crop(image, start, p, np.float32(0)), _crop(target, start, p, target.dtype.type(0)), kz, ctx)
     theta = np.deg2rad(rng.uniform(-cfg.max_rotation_deg, cfg.max_rotation_deg)) if rotate else 0.0
     s = rng.uniform(*cfg.scale) if scale else 1.0
     c, si = np.cos(theta), np.sin(theta)
@@ -138,26 +141,41 @@ def cut_patch(
     inside = (zi >= 0) & (zi < known_z.shape[1])
     kz = np.zeros((known_z.shape[0], p[0]), bool)
     kz[:, inside] = known_z[:, zi[inside]]
-    return Patch(img.astype(np.float32), tgt, kz)
+    ctx = None if context is None else ndimage.map_coordinates(context, coords, order=0, mode="constant", cval=0)
+    return Patch(img.astype(np.float32), tgt, kz, ctx)
 
 
-def mirror_lr(patch: Patch, swap: tuple[tuple[int, int], ...], softmax: bool) -> Patch:
+def _swap_labels(lab: np.ndarray, swap: tuple[tuple[int, int], ...]) -> None:
+    """Exchange labels a + 1 and b + 1 of a label map in place, for each pair (a, b)."""
+    for a, b in swap:
+        la, lb = lab == a + 1, lab == b + 1
+        lab[la], lab[lb] = b + 1, a + 1
+
+
+def mirror_lr(
+    patch: Patch, swap: tuple[tuple[int, int], ...], softmax: bool, context_swap: tuple[tuple[int, int], ...] = ()
+) -> Patch:
     """Flip patient left-right (the x axis) and swap each laterality pair of outputs.
 
     ``swap`` holds output indices (0-based, background not counted); for a softmax label
-    map the labels are index + 1.
+    map the labels are index + 1.  The context label map, if any, is flipped and its own
+    pairs (``context_swap``, same convention) swapped: the organ model's left parotid of a
+    mirrored patient is its right one.
     """
     img = patch.image[..., ::-1].copy()
     tgt = patch.target[..., ::-1].copy()
     kz = patch.known_z.copy()
+    if softmax:
+        _swap_labels(tgt, swap)
     for a, b in swap:
-        if softmax:
-            la, lb = tgt == a + 1, tgt == b + 1
-            tgt[la], tgt[lb] = b + 1, a + 1
-        else:
+        if not softmax:
             tgt[[a, b]] = tgt[[b, a]]
         kz[[a, b]] = kz[[b, a]]
-    return Patch(img, tgt, kz)
+    ctx = None
+    if patch.context is not None:
+        ctx = patch.context[..., ::-1].copy()
+        _swap_labels(ctx, context_swap)
+    return Patch(img, tgt, kz, ctx)
 
 
 def augment_intensity(x: np.ndarray, rng: np.random.Generator, cfg: AugmentConfig) -> np.ndarray:

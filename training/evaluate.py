@@ -4,7 +4,10 @@
     python -m training.evaluate --limit 2 --models hn_oar
 
 Runs the app's own inference path (``autocontour.segmenter.Segmenter.predict`` on the ONNX Runtime
-CPU backend), not the training checkpoint.  ``--write`` stores the result in each
+CPU backend), not the training checkpoint; with ``--postprocess`` also the app's clinical-constraint
+post-processing (``autocontour.postprocess.postprocess``: External, stray components, holes,
+targets clipped to the External, nested levels), so the figures are those of the contours the
+clinician receives.  ``--write`` stores the result in each
 ``models/<name>/model.yaml`` under ``validation``.
 """
 
@@ -20,6 +23,7 @@ import numpy as np
 import yaml
 
 from autocontour.model_config import load_model_config
+from autocontour.postprocess import postprocess
 from autocontour.segmenter import open_segmenters
 from autocontour.volume import Volume
 from training import metrics
@@ -90,9 +94,12 @@ def summarise(per: dict[str, list[dict]]) -> dict:
 
 
 def evaluate(
-    models_dir: Path, names: list[str], data: Path, limit: int | None, mirror: bool | None = None
+    models_dir: Path, names: list[str], data: Path, limit: int | None, mirror: bool | None = None,
+    postprocessed: bool = False,
 ) -> dict:
-    """``mirror``: test-time mirroring forced on or off; None runs each model as the app does."""
+    """``mirror``: test-time mirroring forced on or off; None runs each model as the app does.
+    ``postprocessed``: score the masks after the app's post-processing (each model's
+    structures with their own External), not the raw network output."""
     cfgs = [load_model_config(models_dir / n) for n in names]
     segmenters = {s.name: s for s in open_segmenters(cfgs, "cpu", mirror=mirror)}
     paths = sorted(data.glob("*.npz"), key=lambda p: int(p.stem.split("_")[-1]))[:limit]
@@ -104,6 +111,8 @@ def evaluate(
             t0 = time.perf_counter()
             masks = segmenters[cfg.name].predict(vol)
             seconds[cfg.name].append(time.perf_counter() - t0)
+            if postprocessed:
+                masks = {k: r.mask for k, r in postprocess(vol, masks).items() if k in masks}
             yml = yaml.safe_load((cfg.folder / "model.yaml").read_text())
             for label in cfg.labels:
                 ref = reference_mask(tuple(yml["output"]["source_rois"][label]), case)
@@ -119,6 +128,7 @@ def evaluate(
             "data": str(data.relative_to(data.parents[2])) if len(data.parents) > 2 else str(data),
             "patients": len(paths),
             "test_time_mirroring": segmenters[name].mirror,
+            "postprocessed": postprocessed,
             **summarise(rows),
             "seconds_per_patient": round(float(np.mean(seconds[name])), 3),
         }
@@ -135,11 +145,14 @@ def main() -> None:
     tta.add_argument("--mirror", dest="mirror", action="store_true", default=None,
                      help="force test-time mirroring on (default: as model.yaml says, as the app runs)")
     tta.add_argument("--no-mirror", dest="mirror", action="store_false", help="force it off (ablation)")
+    ap.add_argument("--postprocess", action="store_true",
+                    help="score after the app's post-processing (what the clinician receives), not the raw output")
     ap.add_argument("--json", type=Path, help="also write the result to this file")
     ap.add_argument("--write", action="store_true", help="store the result in models/<name>/model.yaml")
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-    result = evaluate(args.models_dir, args.models, args.data, args.limit, mirror=args.mirror)
+    result = evaluate(args.models_dir, args.models, args.data, args.limit, mirror=args.mirror,
+                      postprocessed=args.postprocess)
     if args.json:
         args.json.write_text(json.dumps(result, indent=1))
     print(json.dumps(result, indent=1))  # noqa: T201 - this is a command-line report
@@ -148,7 +161,8 @@ def main() -> None:
             p = args.models_dir / name / "model.yaml"
             meta = yaml.safe_load(p.read_text())
             meta["validation"] = {**result[name], "command": "python -m training.evaluate --write"
-                                  + {None: "", True: " --mirror", False: " --no-mirror"}[args.mirror]}
+                                  + {None: "", True: " --mirror", False: " --no-mirror"}[args.mirror]
+                                  + (" --postprocess" if args.postprocess else "")}
             p.write_text(yaml.safe_dump(meta, sort_keys=False, width=120))
 
 

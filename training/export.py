@@ -32,7 +32,7 @@ def export(task: Task, checkpoint: Path, out_dir: Path, version: str, mirror: bo
     net.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in ck["model"].items()})
     net.eval()
     out_dir.mkdir(parents=True, exist_ok=True)
-    x = torch.zeros(1, 1, *task.patch_zyx)
+    x = torch.zeros(1, task.in_channels, *task.patch_zyx)
     onnx_path, ts_path = out_dir / "model.onnx", out_dir / "model.ts"
     torch.onnx.export(
         net, x, str(onnx_path), input_names=["image"], output_names=["logits"],

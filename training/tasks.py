@@ -6,7 +6,7 @@ writes the model.yaml from it, so the app never guesses a label.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
@@ -29,6 +29,18 @@ class Task:
     # outputs contoured over a clinician-chosen length: known only between the reference's
     # first and last slice (training/augment.known_slices)
     partial_length: tuple[str, ...] = ()
+    # another task whose released model's label map is fed as extra one-hot input channels
+    # (training/context.py), e.g. the organ model's output for the target model
+    context: str | None = None
+
+    @property
+    def context_labels(self) -> int:
+        """How many one-hot context channels the network takes beside the CT."""
+        return len(TASKS[self.context].outputs) if self.context else 0
+
+    @property
+    def in_channels(self) -> int:
+        return 1 + self.context_labels
 
     @property
     def out_channels(self) -> int:
@@ -114,3 +126,9 @@ TASKS = {
         "PTV_Low = PTV56 + PTV63 + PTV70)",
     ),
 }
+# The same targets with the organ model's label map as 7 extra input channels (experiment:
+# does knowing the organs help place the target?)
+TASKS["hn_target_ctx"] = replace(
+    TASKS["hn_target"], name="hn_target_ctx", context="hn_oar",
+    description=TASKS["hn_target"].description + "; input: CT and the hn_oar model's organ labels",
+)

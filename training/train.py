@@ -39,6 +39,7 @@ from monai.inferers import sliding_window_inference
 from monai.networks.nets import UNet
 
 from training.augment import NO_AUGMENTATION, AugmentConfig, augment_intensity, cut_patch, mirror_lr
+from training.context import context_labels, one_hot_context
 from training.data import Case, cached_cases
 from training.tasks import TASKS, Task
 
@@ -50,7 +51,7 @@ ROOT = Path(__file__).resolve().parent.parent
 def build_network(task: Task) -> torch.nn.Module:
     return UNet(
         spatial_dims=3,
-        in_channels=1,
+        in_channels=task.in_channels,
         out_channels=task.out_channels,
         channels=task.channels,
         strides=(2,) * (len(task.channels) - 1),
@@ -72,11 +73,18 @@ class Sampler:
     for all of them.  Each patch goes through ``training.augment`` (rotation, scaling,
     left-right mirroring with the laterality pairs swapped, intensity transforms) and
     carries its per-slice "known" flags (partial-length organs, missing structures).
+    A task with a context model (``Task.context``) gets that model's label map per case
+    (``contexts``), cut and mirrored with the patch and appended as one-hot channels.
     """
 
-    def __init__(self, cases: list[Case], task: Task, rng: np.random.Generator, cfg: AugmentConfig):
+    def __init__(
+        self, cases: list[Case], task: Task, rng: np.random.Generator, cfg: AugmentConfig,
+        contexts: list[np.ndarray] | None = None,
+    ):
         self.task, self.rng, self.cfg = task, rng, cfg
         self.items = []
+        self.contexts = contexts if contexts is not None else [None] * len(cases)
+        self.context_swap = TASKS[task.context].mirror_pairs if task.context else ()
         for c in cases:
             refs = task.references(c)  # once per patient, for both the targets and the known slices
             tgt, known = task.targets(c, refs)
@@ -84,7 +92,8 @@ class Sampler:
         self.class_weight = 1.0 / np.maximum(np.mean([k for _, _, k, _ in self.items], axis=0), 1e-3)
 
     def sample(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        img, tgt, known, known_z = self.items[self.rng.integers(len(self.items))]
+        n = self.rng.integers(len(self.items))
+        img, tgt, known, known_z = self.items[n]
         p = np.array(self.task.patch_zyx)
         centre = None
         if self.rng.random() < 0.67:
@@ -97,11 +106,13 @@ class Sampler:
         if centre is None:
             centre = np.array([self.rng.integers(s) for s in img.shape])
         centre = centre + self.rng.integers(-p // 4, p // 4 + 1)
-        patch = cut_patch(img, tgt, known_z, centre, self.task.patch_zyx, self.rng, self.cfg)
+        patch = cut_patch(img, tgt, known_z, centre, self.task.patch_zyx, self.rng, self.cfg, self.contexts[n])
         if self.rng.random() < self.cfg.p_mirror:  # every task: lateral pairs swap, the rest just flips
-            patch = mirror_lr(patch, self.task.mirror_pairs, self.task.kind == "softmax")
-        x = augment_intensity(patch.image, self.rng, self.cfg)
-        return x[None], patch.target, patch.known_z
+            patch = mirror_lr(patch, self.task.mirror_pairs, self.task.kind == "softmax", self.context_swap)
+        x = augment_intensity(patch.image, self.rng, self.cfg)[None]
+        if patch.context is not None:
+            x = np.concatenate([x, one_hot_context(patch.context, self.task.context_labels)])
+        return x, patch.target, patch.known_z
 
 
 # Weight of the per-structure recall term of softmax_marginal_loss (see there).
@@ -178,17 +189,28 @@ def sigmoid_loss(logits: torch.Tensor, target: torch.Tensor, known_z: torch.Tens
     return bce + (dice * use).sum() / use.sum().clamp_min(1)
 
 
-def holdout_dice(net: torch.nn.Module, cases: list[Case], task: Task) -> list[float]:
+def network_input(case: Case, task: Task, context: np.ndarray | None = None) -> np.ndarray:
+    """(in_channels, z, y, x) float32: the windowed CT, then the context's one-hot channels."""
+    x = normalise(case.ct, task)[None]
+    if task.context:
+        x = np.concatenate([x, one_hot_context(context, task.context_labels)])
+    return x
+
+
+def holdout_dice(
+    net: torch.nn.Module, cases: list[Case], task: Task, contexts: list[np.ndarray] | None = None
+) -> list[float]:
     """Mean Dice per output over the holdout cases, on the slices where the output is known
     (partial-length organs on their reference's slices only)."""
     net.eval()
     scores: list[list[float]] = [[] for _ in task.outputs]
+    contexts = contexts if contexts is not None else [None] * len(cases)
     with torch.inference_mode():
-        for c in cases:
+        for c, ctx in zip(cases, contexts):
             refs = task.references(c)
             tgt, known = task.targets(c, refs)
             kz = task.known_slices(c, refs)
-            x = torch.from_numpy(normalise(c.ct, task))[None, None]
+            x = torch.from_numpy(network_input(c, task, ctx))[None]
             out = sliding_window_inference(x, task.patch_zyx, 1, net, overlap=0.25, mode="gaussian")[0]
             if task.kind == "softmax":
                 pred = out.argmax(0).numpy()
@@ -209,7 +231,9 @@ def init_from_torchscript(net: torch.nn.Module, path: Path) -> None:
     (same architecture).
 
     An output layer with fewer channels than the network's is replicated across them, so
-    a one-level target model can seed a three-level one.
+    a one-level target model can seed a three-level one.  An input layer with fewer input
+    channels than the network's (a CT-only model seeding one with context channels) gets
+    zero weights for the extra channels: the new network starts as the old one.
     """
     if Path(path).suffix == ".pt":  # a committed checkpoint (training/checkpoints/<task>/best.pt)
         src = torch.load(path, weights_only=False, map_location="cpu")["model"]
@@ -220,7 +244,11 @@ def init_from_torchscript(net: torch.nn.Module, path: Path) -> None:
     for k, v in dst.items():
         w = src[k]
         if w.shape != v.shape:
-            if w.ndim > 1 and w.shape[:2] == (1, 1) and v.shape[0] == v.shape[1]:
+            if w.ndim > 2 and w.shape[0] == v.shape[0] and w.shape[1] < v.shape[1] and w.shape[2:] == v.shape[2:]:
+                # more input channels: the extra ones start at zero weight
+                pad = torch.zeros((v.shape[0], v.shape[1] - w.shape[1], *v.shape[2:]), dtype=w.dtype)
+                w = torch.cat([w, pad], 1)
+            elif w.ndim > 1 and w.shape[:2] == (1, 1) and v.shape[0] == v.shape[1]:
                 # a 1 -> 1 channel convolution becomes n independent copies (no mixing)
                 eye = torch.eye(v.shape[0]).reshape(v.shape[0], v.shape[1], *([1] * (w.ndim - 2)))
                 w = eye * w
@@ -253,7 +281,7 @@ def save_atomic(obj, path: Path) -> None:
 
 # What a stage of training is: stored in its checkpoint, so that resuming (make train, a new
 # machine, a GPU) continues the same schedule without repeating the options.
-STAGE_KEYS = ("iterations", "batch", "lr", "warmup", "seed", "recall_weight", "init", "augment")
+STAGE_KEYS = ("iterations", "batch", "lr", "warmup", "seed", "recall_weight", "init", "augment", "context_model")
 
 
 def main() -> None:
@@ -273,6 +301,8 @@ def main() -> None:
     ap.add_argument("--max-minutes", type=float,
                     help="stop at the first checkpoint after this many minutes (a working day, a GPU lease)")
     ap.add_argument("--init", type=Path, help="warm start from a released model.ts (new stage only)")
+    ap.add_argument("--context-model", type=Path,
+                    help="tasks with a context (hn_target_ctx): that task's model.ts (default models/<context>/model.ts)")
     ap.add_argument("--no-augment", action="store_true", help="ablation: patches without augmentation")
     ap.add_argument("--checkpoints", type=Path, default=ROOT / "training/checkpoints",
                     help="where the committed, resumable stage lives (<task>/state.pt, best.pt, history.json)")
@@ -291,6 +321,8 @@ def main() -> None:
     net = build_network(task).to(device)
     stage = {k: getattr(args, k.replace("-", "_")) for k in STAGE_KEYS if k != "augment"}
     stage["init"] = str(args.init) if args.init else None
+    if task.context:
+        stage["context_model"] = str(args.context_model or Path("models") / task.context / "model.ts")
     stage["augment"] = not args.no_augment
     it, best, history = 0, -1.0, []
     ck = None
@@ -320,9 +352,14 @@ def main() -> None:
     torch.manual_seed(stage["seed"] + it)
     cases = cached_cases(args.data, task.spacing_zyx, ROOT / "training/cache")
     train_cases, hold_cases = cases[: -args.holdout], cases[-args.holdout :]
+    contexts = hold_contexts = None
+    if task.context:
+        ctx_model = ROOT / stage["context_model"]
+        contexts = context_labels(train_cases, task, ctx_model, ROOT / "training/cache")
+        hold_contexts = context_labels(hold_cases, task, ctx_model, ROOT / "training/cache")
     # The sampler's stream is re-seeded from (seed, iteration): a resumed run is repeatable.
     cfg = AugmentConfig() if stage["augment"] else NO_AUGMENTATION
-    sampler = Sampler(train_cases, task, np.random.default_rng([stage["seed"], it]), cfg)
+    sampler = Sampler(train_cases, task, np.random.default_rng([stage["seed"], it]), cfg, contexts)
     del cases, train_cases  # the sampler holds what it needs (normalised image, uint8 targets)
     if task.kind == "softmax":
         def loss_fn(lg, y, k):
@@ -362,7 +399,7 @@ def main() -> None:
             logger.info("it %d loss %.4f lr %.2e %.2f s/it", it, np.mean(run_loss), lr, (time.time() - t0) / 50)
             t0, run_loss = time.time(), []
         if it % args.ckpt_every == 0 or it == stop:
-            dice = holdout_dice(net.cpu(), hold_cases, task)
+            dice = holdout_dice(net.cpu(), hold_cases, task, hold_contexts)
             net.to(device)
             mean = float(np.nanmean(dice))
             history.append({"iteration": it, "holdout_dice": dict(zip([o[0] for o in task.outputs], dice))})
