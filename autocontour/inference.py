@@ -30,7 +30,7 @@ logger = logging.getLogger(__name__)
 
 __all__ = [
     "resample_linear", "sliding_window", "body_box", "to_model_grid", "to_probabilities", "masks_on_patient_grid",
-    "mirror_permutation", "mirrored",
+    "mirror_permutation", "mirrored", "averaged",
 ]
 
 BODY_MARGIN_MM = 16.0
@@ -214,6 +214,19 @@ def mirrored(predict, perm: list[int]):
         return a
 
     return both
+
+
+def averaged(predicts: list):
+    """An ensemble: the mean of the logits of several networks with the same outputs."""
+
+    def mean(x: np.ndarray) -> np.ndarray:
+        out = predicts[0](x)
+        for p in predicts[1:]:
+            out += p(x)
+        out /= len(predicts)
+        return out
+
+    return mean
 
 
 def masks_on_patient_grid(

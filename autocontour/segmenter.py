@@ -3,8 +3,9 @@
 A ``Segmenter`` holds a model's configuration (``ModelConfig``), its open inference
 backend and the cache of the CT on the model grid.  ``predict(volume)`` is the whole
 model run (``autocontour.inference`` has the steps); ``_logits`` is the one place
-where the network is called over the crop: test-time mirroring (``mirror=True``) is
-there, and so would be other test-time augmentation or an ensemble of networks.
+where the network is called over the crop: test-time mirroring (``mirror=True``) and
+an ensemble of networks (``members``: further backends of the same model's outputs,
+logits averaged) are there.
 
 Segmenters opened together (``open_segmenters``) share one ``ModelGridCache``: models
 with the same spacing resample the CT once, even when their graph branches run at the
@@ -66,10 +67,12 @@ class Segmenter:
 
     def __init__(
         self, model: ModelConfig, backend: Backend, grid_cache: ModelGridCache | None = None,
-        mirror: bool | None = None,
+        mirror: bool | None = None, members: list[Backend] = (),
     ):
         self.model = model
         self.backend = backend
+        # ensemble: networks with the same inputs and outputs, logits averaged with backend's
+        self.members = list(members)
         self.grid_cache = grid_cache if grid_cache is not None else ModelGridCache()
         # test-time mirroring (inference.mirrored, twice the network time): the model's own
         # setting (model.yaml inference.test_time_mirroring) unless forced
@@ -130,6 +133,8 @@ class Segmenter:
     def _logits(self, image: np.ndarray) -> np.ndarray:
         """(C, Z, Y, X) logits of the network over the windowed model-grid crop ``image``."""
         predict = self.backend.predict
+        if self.members:
+            predict = inference.averaged([self.backend.predict] + [m.predict for m in self.members])
         if self.mirror:
             predict = inference.mirrored(predict, inference.mirror_permutation(self.model))
         return inference.sliding_window(image, self.model.patch_zyx, predict, self.model.output_count)

@@ -101,3 +101,27 @@ def test_segmenter_follows_the_models_own_mirroring_setting():
     assert Segmenter(m, Fake()).mirror is False
     assert Segmenter(replace(m, test_time_mirroring=True), Fake()).mirror is True
     assert Segmenter(replace(m, test_time_mirroring=True), Fake(), mirror=False).mirror is False
+
+
+def test_an_ensemble_averages_its_networks_logits_in_place():
+    """``Segmenter.members``: two networks that disagree about where the structure is; the
+    ensemble's mask is where their mean logit is positive, and it stays put in the patient."""
+    vol = volume_with_ball("HFS")
+    m = _model("sigmoid", ("PTV_High",))
+    lo, hi = m.window_hu
+    half_way = (-400 - lo) / (hi - lo)
+
+    class Shifted:
+        def __init__(self, bias):
+            self.bias = bias
+
+        def predict(self, x):
+            return (20.0 * (x - half_way) + self.bias).astype(np.float32)
+
+    alone = Segmenter(m, Shifted(0.0)).predict(vol)["PTV_High"]
+    big = Segmenter(m, Shifted(8.0)).predict(vol)["PTV_High"]
+    both = Segmenter(m, Shifted(8.0), members=[Shifted(-8.0)]).predict(vol)["PTV_High"]
+    assert big.sum() > alone.sum()  # the biased network alone grows the ball
+    assert np.array_equal(both, alone)  # the mean of +8 and -8 is the unbiased network
+    centroid = vol.index_to_lps(np.argwhere(both).mean(0)[None])[0]
+    np.testing.assert_allclose(centroid, (10.0, -20.0, 30.0), atol=0.3)

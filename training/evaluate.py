@@ -95,13 +95,23 @@ def summarise(per: dict[str, list[dict]]) -> dict:
 
 def evaluate(
     models_dir: Path, names: list[str], data: Path, limit: int | None, mirror: bool | None = None,
-    postprocessed: bool = False,
+    postprocessed: bool = False, ensemble_with: list[Path] = (),
 ) -> dict:
     """``mirror``: test-time mirroring forced on or off; None runs each model as the app does.
     ``postprocessed``: score the masks after the app's post-processing (each model's
-    structures with their own External), not the raw network output."""
+    structures with their own External), not the raw network output.
+    ``ensemble_with``: further model folders (``DIR/<name>``, same labels and grid) whose
+    networks are averaged with each model's (logits, ``Segmenter.members``)."""
     cfgs = [load_model_config(models_dir / n) for n in names]
     segmenters = {s.name: s for s in open_segmenters(cfgs, "cpu", mirror=mirror)}
+    for name, seg in segmenters.items():
+        for folder in ensemble_with:
+            other = load_model_config(folder / name)
+            if (other.labels, other.spacing_zyx, other.window_hu, other.kind) != (
+                seg.model.labels, seg.model.spacing_zyx, seg.model.window_hu, seg.model.kind
+            ):
+                raise SystemExit(f"{folder / name}: labels, grid, window or kind differ from {seg.model.folder}")
+            seg.members.append(open_segmenters([other], "cpu")[0].backend)
     paths = sorted(data.glob("*.npz"), key=lambda p: int(p.stem.split("_")[-1]))[:limit]
     per: dict[str, dict[str, list[dict]]] = {c.name: {} for c in cfgs}
     seconds: dict[str, list[float]] = {c.name: [] for c in cfgs}
@@ -129,6 +139,7 @@ def evaluate(
             "patients": len(paths),
             "test_time_mirroring": segmenters[name].mirror,
             "postprocessed": postprocessed,
+            "ensemble_with": [str(f) for f in ensemble_with],
             **summarise(rows),
             "seconds_per_patient": round(float(np.mean(seconds[name])), 3),
         }
@@ -147,12 +158,14 @@ def main() -> None:
     tta.add_argument("--no-mirror", dest="mirror", action="store_false", help="force it off (ablation)")
     ap.add_argument("--postprocess", action="store_true",
                     help="score after the app's post-processing (what the clinician receives), not the raw output")
+    ap.add_argument("--ensemble-with", type=Path, nargs="+", default=[], metavar="DIR",
+                    help="average each model with DIR/<name> (an exported candidate): the ensemble's Dice")
     ap.add_argument("--json", type=Path, help="also write the result to this file")
     ap.add_argument("--write", action="store_true", help="store the result in models/<name>/model.yaml")
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     result = evaluate(args.models_dir, args.models, args.data, args.limit, mirror=args.mirror,
-                      postprocessed=args.postprocess)
+                      postprocessed=args.postprocess, ensemble_with=args.ensemble_with)
     if args.json:
         args.json.write_text(json.dumps(result, indent=1))
     print(json.dumps(result, indent=1))  # noqa: T201 - this is a command-line report
