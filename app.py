@@ -76,6 +76,7 @@ def build_app(args: argparse.Namespace, record: RunRecord, segmenters: list[Segm
         CTVolumeOperator,
         DicomSegWriterOperator,
         ExternalOperator,
+        MergeStructuresOperator,
         PostprocessOperator,
         QaOperator,
         ReportOperator,
@@ -92,7 +93,7 @@ def build_app(args: argparse.Namespace, record: RunRecord, segmenters: list[Segm
             select = SeriesSelectorOperator(self, CountCondition(self, 1), input_folder=args.input, rules=rules,
                                             record=record, name="select")
             volume = CTVolumeOperator(self, record=record, name="volume")
-            post = PostprocessOperator(self, branches=[s.name for s in segmenters], record=record, name="postprocess")
+            post = MergeStructuresOperator(self, branches=[s.name for s in segmenters], record=record, name="postprocess")
             writer_kw = dict(record=record, algorithm_name=APP_NAME, algorithm_version=algorithm_version,
                              series_description=SERIES_DESCRIPTION)
             seg = DicomSegWriterOperator(self, name="seg_writer", **writer_kw)
@@ -107,9 +108,16 @@ def build_app(args: argparse.Namespace, record: RunRecord, segmenters: list[Segm
             self.add_flow(volume, external, {(volume.OUT_VOLUME, external.IN_VOLUME)})
             self.add_flow(external, post, {(external.OUT_EXTERNAL, post.IN_EXTERNAL)})
             for segmenter in segmenters:
+                # each model's structures are post-processed as soon as it is done, beside the
+                # models still running; the merge then joins them
                 branch = SegmentationOperator(self, segmenter=segmenter, record=record, name=f"seg_{segmenter.name}")
+                branch_post = PostprocessOperator(self, branch=segmenter.name, record=record,
+                                                  name=f"postprocess_{segmenter.name}")
                 self.add_flow(volume, branch, {(volume.OUT_VOLUME, branch.IN_VOLUME)})
-                self.add_flow(branch, post, {(branch.OUT_MASKS, post.in_masks(segmenter.name))})
+                self.add_flow(volume, branch_post, {(volume.OUT_VOLUME, branch_post.IN_VOLUME)})
+                self.add_flow(external, branch_post, {(external.OUT_EXTERNAL, branch_post.IN_EXTERNAL)})
+                self.add_flow(branch, branch_post, {(branch.OUT_MASKS, branch_post.IN_MASKS)})
+                self.add_flow(branch_post, post, {(branch_post.OUT_STRUCTURES, post.in_structures(segmenter.name))})
             for writer in (seg, rts) + ((qa,) if qa is not None else ()):
                 self.add_flow(volume, writer, {(volume.OUT_VOLUME, writer.IN_VOLUME)})
                 self.add_flow(post, writer, {(post.OUT_STRUCTURES, writer.IN_STRUCTURES)})

@@ -21,14 +21,14 @@ from scipy import ndimage
 from scipy.spatial import cKDTree
 
 from autocontour.external import check_external, external_mask, fill_holes_per_slice
-from autocontour.structures import EXTERNAL, Laterality, StructureDefinition, structure
+from autocontour.structures import EXTERNAL, STRUCTURES, Laterality, StructureDefinition, structure
 from autocontour.volume import BODY_HU, Volume
 
 logger = logging.getLogger(__name__)
 
 __all__ = [
-    "StructureResult", "bounding_box", "clip_to_external", "external_structure", "postprocess", "postprocess_structure",
-    "laterality_flag",
+    "StructureResult", "bounding_box", "clip_to_external", "external_structure", "laterality_flag", "merge_structures",
+    "midline_x", "postprocess", "postprocess_masks", "postprocess_structure",
 ]
 
 # 26-connectivity: touching at a corner is one component.
@@ -160,6 +160,16 @@ def postprocess_structure(
                     defn.name, len(removed), res.removed_cc, defn.max_components, defn.min_component_cc,
                     100 * defn.secondary_min_fraction, defn.secondary_max_gap_mm,
                 )
+            if keep:
+                # the kept components' own box: a far-off removed speck no longer widens
+                # what the hole filling and the centre of mass read
+                objects = ndimage.find_objects(lab, max_label=max(keep) + 1)
+                inner = tuple(
+                    slice(min(objects[i][a].start for i in keep), max(objects[i][a].stop for i in keep))
+                    for a in range(lab.ndim)
+                )
+                lab = lab[inner]
+                box = tuple(slice(b.start + s.start, b.start + s.stop) for b, s in zip(box, inner))
             sub = np.isin(lab, np.array(keep) + 1)
             if defn.fill_holes:
                 filled = fill_holes_per_slice(sub)
@@ -175,23 +185,25 @@ def postprocess_structure(
     return res
 
 
-def _add_contained(outer: StructureResult, inner: StructureResult, voxel_cc: float) -> None:
-    """Add to ``outer`` the voxels of ``inner`` (a structure it contains by definition) it lacks."""
+def _add_contained(outer: StructureResult, inner: StructureResult, voxel_cc: float) -> bool:
+    """Add to ``outer`` the voxels of ``inner`` (a structure it contains by definition) it
+    lacks; whether any were added."""
     if inner.box is None:
-        return
+        return False
     missing = inner.mask[inner.box] & ~outer.mask[inner.box]
     n = int(np.count_nonzero(missing))
     if n == 0:
-        return
+        return False
     mask = outer.mask.copy()
     mask[inner.box] |= missing
     outer.mask = mask
-    outer.added_from_contained_cc = n * voxel_cc
+    outer.added_from_contained_cc += n * voxel_cc
     outer.volume_cc = float(np.count_nonzero(mask) * voxel_cc)
     outer.box = bounding_box(mask)
     outer.centroid_index = np.array(ndimage.center_of_mass(mask[outer.box])) + [b.start for b in outer.box]
     logger.info("%s: %d voxels (%.2f cc) of %s outside it added (%s lies inside it by definition)",
                 outer.name, n, n * voxel_cc, inner.name, inner.name)
+    return True
 
 
 def clip_to_external(mask: np.ndarray, external: np.ndarray) -> tuple[np.ndarray, int]:
@@ -228,41 +240,62 @@ def external_structure(volume: Volume) -> StructureResult:
     return res
 
 
-def postprocess(
-    volume: Volume, masks: dict[str, np.ndarray], *, external: bool | StructureResult = True
+def midline_x(volume: Volume, external: StructureResult | None) -> float:
+    """x (LPS, mm) of the patient's midline: the External's centre of mass, else the body's.
+
+    The body's centre comes from every 4th voxel in each axis above ``BODY_HU`` (plenty
+    for a centre of mass); 0.0 when the image holds no body at all.
+    """
+    if external is not None and external.volume_cc and external.centroid_index is not None:
+        return float(volume.index_to_lps(external.centroid_index[None])[0, 0])
+    step = 4
+    body = volume.array[::step, ::step, ::step] > BODY_HU
+    if not body.any():
+        return 0.0
+    return float(volume.index_to_lps(np.array(ndimage.center_of_mass(body))[None] * step)[0, 0])
+
+
+def _check_external(volume: Volume, external: bool | StructureResult) -> StructureResult | None:
+    if external is False:
+        return None
+    ext = external_structure(volume) if external is True else external
+    if ext.name != EXTERNAL or np.shape(ext.mask) != volume.array.shape:
+        raise ValueError(f"external must be the External on the volume's grid, got {ext.name} {np.shape(ext.mask)}")
+    return ext
+
+
+def _set_flags(res: StructureResult, defn: StructureDefinition, volume: Volume, midline: float) -> None:
+    """The result's checks, from scratch: empty, laterality, plausible volume (flags only)."""
+    res.flags = []
+    if res.volume_cc == 0:
+        res.flags.append("empty: structure not found")
+        return
+    c = volume.index_to_lps(res.centroid_index[None])[0]
+    res.centroid_lps = tuple(round(float(v), 2) for v in c)
+    flag = laterality_flag(defn, c, midline)
+    if flag:
+        res.flags.append(flag)
+    lo, hi = defn.volume_range_cc
+    if not lo <= res.volume_cc <= hi:
+        res.flags.append(f"volume {res.volume_cc:.1f} cc outside the plausible range {lo}-{hi} cc")
+
+
+def postprocess_masks(
+    volume: Volume, masks: dict[str, np.ndarray], external: StructureResult | None
 ) -> dict[str, StructureResult]:
-    """The External, then every structure; flags attached.
+    """One model's structures, without the External: targets clipped to ``external`` (when
+    it is not empty), the component and hole rules, nested levels among ``masks``, flags.
 
-    ``external``: ``True`` computes the External here (``external_structure``), a
-    ``StructureResult`` is one already computed on ``volume``, ``False`` leaves it out.
-
-    Returns ``{name: StructureResult}``: ``External`` first, then ``masks``' order.
-    Targets are clipped to the External (unless it is empty: then nothing is clipped and
-    the External is flagged).
+    The app runs this in each model's branch as soon as that model is done, so only the
+    last model's structures are left on the critical path; ``merge_structures`` then
+    joins the branches.  Returns ``{name: StructureResult}`` in the structure table's order.
     """
     voxel_cc = volume.voxel_volume_cc
+    body_mask = external.mask if external is not None and external.volume_cc else None
+    midline = midline_x(volume, external)
     results: dict[str, StructureResult] = {}
-    body_mask = None
-    if external is not False:
-        ext = external_structure(volume) if external is True else external
-        if ext.name != EXTERNAL or np.shape(ext.mask) != volume.array.shape:
-            raise ValueError(f"external must be the External on the volume's grid, got {ext.name} {np.shape(ext.mask)}")
-        results[EXTERNAL] = ext
-        if ext.volume_cc:
-            body_mask = ext.mask
-    if body_mask is not None:
-        # midline: x of the External's centre of mass (the patient's own midline, couch left out)
-        midline_x = float(volume.index_to_lps(results[EXTERNAL].centroid_index[None])[0, 0])
-    else:
-        # midline: x of the body's centre of mass (the patient's own midline, not the image centre),
-        # from every 4th voxel in each axis (plenty for a centre of mass)
-        step = 4
-        body = volume.array[::step, ::step, ::step] > BODY_HU
-        midline_x = (
-            float(volume.index_to_lps(np.array(ndimage.center_of_mass(body))[None] * step)[0, 0]) if body.any() else 0.0
-        )
-    for name, mask in masks.items():
-        defn = structure(name)
+    for name in _table_order(masks):
+        mask, defn = masks[name], structure(name)
         clipped = 0
         if body_mask is not None and defn.is_target:
             mask, clipped = clip_to_external(mask, body_mask)
@@ -273,23 +306,63 @@ def postprocess(
         for inner in defn.contains:
             if inner in results:
                 _add_contained(res, results[inner], voxel_cc)
-        if res.volume_cc == 0:
-            res.flags.append("empty: structure not found")
-        else:
-            c = volume.index_to_lps(res.centroid_index[None])[0]
-            res.centroid_lps = tuple(round(float(v), 2) for v in c)
-            flag = laterality_flag(defn, c, midline_x)
-            if flag:
-                res.flags.append(flag)
-            lo, hi = defn.volume_range_cc
-            if not lo <= res.volume_cc <= hi:
-                res.flags.append(f"volume {res.volume_cc:.1f} cc outside the plausible range {lo}-{hi} cc")
+        _set_flags(res, defn, volume, midline)
         results[name] = res
-    if EXTERNAL in results:
-        ext = results[EXTERNAL]
-        if ext.centroid_index is not None:
-            ext.centroid_lps = tuple(round(float(v), 2) for v in volume.index_to_lps(ext.centroid_index[None])[0])
+    return results
+
+
+def merge_structures(
+    volume: Volume, external: StructureResult | None, parts: Sequence[dict[str, StructureResult]]
+) -> dict[str, StructureResult]:
+    """The External, then every model's structures (``postprocess_masks`` results) in the
+    structure table's order; nested levels that span two models are completed here (and
+    their flags checked again).  Every flag is logged once, here.
+    """
+    merged: dict[str, StructureResult] = {}
+    for part in parts:
+        for name, res in part.items():
+            if name in merged:
+                raise ValueError(f"{name} comes from two models; each structure must come from one")
+            merged[name] = res
+    results: dict[str, StructureResult] = {}
+    if external is not None:
+        if external.centroid_index is not None:
+            external.centroid_lps = tuple(
+                round(float(v), 2) for v in volume.index_to_lps(external.centroid_index[None])[0]
+            )
+        results[EXTERNAL] = external
+    midline = None
+    for name in _table_order(merged):
+        res, defn = merged[name], structure(name)
+        added = [_add_contained(res, results[inner], volume.voxel_volume_cc) for inner in defn.contains if inner in results]
+        if any(added):
+            midline = midline_x(volume, external) if midline is None else midline
+            _set_flags(res, defn, volume, midline)
+        results[name] = res
     for name, res in results.items():
         for f in res.flags:
             logger.warning("%s: %s", name, f)
     return results
+
+
+def postprocess(
+    volume: Volume, masks: dict[str, np.ndarray], *, external: bool | StructureResult = True
+) -> dict[str, StructureResult]:
+    """The External, then every structure; flags attached (``postprocess_masks`` and
+    ``merge_structures`` in one call).
+
+    ``external``: ``True`` computes the External here (``external_structure``), a
+    ``StructureResult`` is one already computed on ``volume``, ``False`` leaves it out.
+
+    Returns ``{name: StructureResult}``: ``External`` first, then the structure table's order.
+    Targets are clipped to the External (unless it is empty: then nothing is clipped and
+    the External is flagged).
+    """
+    ext = _check_external(volume, external)
+    return merge_structures(volume, ext, [postprocess_masks(volume, masks, ext)])
+
+
+def _table_order(names) -> list[str]:
+    """``names`` in the structure table's order (a structure after those it contains)."""
+    rank = {s.name: i for i, s in enumerate(STRUCTURES)}
+    return sorted(names, key=lambda n: rank.get(n, len(rank)))

@@ -383,7 +383,11 @@ def _stage_rows(ours_runs: list[dict], stock_runs: list[dict], model_names: list
         rows.append((f"inference {m} (incl. pre/post)", med(ours_runs, key), med(stock_runs, key)))
     rows += [
         ("External (beside the models)", med(ours_runs, "external"), None),
-        ("post-processing", med(ours_runs, "postprocess"), None),
+    ]
+    for m in model_names:
+        rows.append((f"post-processing {m} (in its branch)", med(ours_runs, f"postprocess_{m}"), None))
+    rows += [
+        ("post-processing: merge", med(ours_runs, "postprocess"), None),
         ("write DICOM-SEG", med(ours_runs, "write_seg"), med(stock_runs, *[f"write_seg_{m}" for m in model_names])),
         ("write RTSTRUCT", med(ours_runs, "write_rtstruct"), None),
         ("QA sheet (PNG + Secondary Capture)", med(ours_runs, "write_qa"), None),

@@ -7,7 +7,7 @@ emits; port names are class constants shared by ``setup()`` and ``app.py``.
 from operators.ct_volume_operator import CTVolumeOperator
 from operators.dicom_seg_writer_operator import DicomSegWriterOperator
 from operators.external_operator import ExternalOperator
-from operators.postprocess_operator import PostprocessOperator
+from operators.postprocess_operator import MergeStructuresOperator, PostprocessOperator
 from operators.qa_operator import QaOperator
 from operators.report_operator import ReportOperator
 from operators.rtstruct_writer_operator import RtstructWriterOperator
@@ -18,6 +18,7 @@ __all__ = [
     "CTVolumeOperator",
     "DicomSegWriterOperator",
     "ExternalOperator",
+    "MergeStructuresOperator",
     "PostprocessOperator",
     "QaOperator",
     "ReportOperator",

@@ -66,7 +66,8 @@ def test_real_ct_writes_seg_rtstruct_and_report(chus_run):
     assert {m["name"] for m in report["models"]} == {"hn_oar", "hn_target"}
     assert all(m["backend"] == "cpu" for m in report["models"])
     assert set(report["seconds"]) >= {"load", "select", "convert", "external", "inference_hn_oar", "inference_hn_target",
-                                      "postprocess", "write_seg", "write_rtstruct", "write_qa"}
+                                      "postprocess_hn_oar", "postprocess_hn_target", "postprocess", "write_seg",
+                                      "write_rtstruct", "write_qa"}
 
 
 def test_outputs_reference_the_input_series_and_frame_of_reference(chus_run):

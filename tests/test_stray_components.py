@@ -7,7 +7,9 @@ import logging
 import numpy as np
 import pytest
 
-from autocontour.postprocess import StructureResult, external_structure, postprocess, postprocess_structure
+from autocontour.postprocess import (
+    StructureResult, bounding_box, external_structure, postprocess, postprocess_structure,
+)
 from autocontour.structures import STRUCTURES, structure
 from autocontour.volume import Volume
 
@@ -168,3 +170,54 @@ def test_the_table_lists_a_contained_structure_before_its_container():
     for s in STRUCTURES:
         for inner in s.contains:
             assert names.index(inner) < names.index(s.name)
+
+
+def test_per_model_post_processing_and_merge_equal_one_call(caplog):
+    """The app post-processes each model's structures in its own branch (postprocess_masks)
+    and merges them (merge_structures): the same masks, volumes, removals and flags as one
+    postprocess call, in the table's order; nested levels split across two models are
+    completed at the merge and their flags checked again."""
+    from autocontour.postprocess import merge_structures, postprocess_masks
+
+    vol = body_volume()
+    high = np.zeros(vol.array.shape, bool)
+    high[6:12, 15:30, 60:80] = True
+    mid = np.zeros_like(high)
+    mid[5:13, 14:31, 59:78] = True  # misses high's two last columns
+    left = np.zeros_like(high)
+    left[6:10, 20:26, 70:78] = True  # patient left is +x: high i
+    left[14, 20, 10] = True  # a far speck, removed
+    one = postprocess(vol, {"Parotid_L": left, "PTV_High": high, "PTV_Mid": mid})
+    ext = external_structure(vol)
+    oar = postprocess_masks(vol, {"Parotid_L": left}, ext)
+    ptv = postprocess_masks(vol, {"PTV_Mid": mid, "PTV_High": high}, ext)  # any order in, table order out
+    assert list(ptv) == ["PTV_High", "PTV_Mid"]
+    merged = merge_structures(vol, ext, [ptv, oar])
+    assert list(merged) == list(one) == ["External", "Parotid_L", "PTV_High", "PTV_Mid"]
+    for name in one:
+        a, b = one[name], merged[name]
+        assert np.array_equal(a.mask, b.mask), name
+        assert (a.volume_cc, a.removals, a.flags, a.centroid_lps, a.added_from_contained_cc) == (
+            b.volume_cc, b.removals, b.flags, b.centroid_lps, b.added_from_contained_cc), name
+        assert b.box == bounding_box(b.mask), name
+    assert merged["Parotid_L"].components_removed == 1
+    # the two levels from two models: PTV_Mid is completed at the merge, its flags again
+    split = merge_structures(vol, ext, [postprocess_masks(vol, {"PTV_Mid": np.zeros_like(mid)}, ext),
+                                        postprocess_masks(vol, {"PTV_High": high}, ext)])
+    assert np.array_equal(split["PTV_Mid"].mask, split["PTV_High"].mask)
+    assert split["PTV_Mid"].flags == ["volume 4.8 cc outside the plausible range 88.0-1134.7 cc"]  # not "empty"
+    assert split["PTV_Mid"].centroid_lps == split["PTV_High"].centroid_lps
+    with pytest.raises(ValueError, match="PTV_High comes from two models"):
+        merge_structures(vol, ext, [ptv, postprocess_masks(vol, {"PTV_High": high}, ext)])
+
+
+def test_the_box_is_the_kept_components_own():
+    """A far speck that is removed no longer widens the result's box (what the hole filling,
+    the centre of mass and the RTSTRUCT tracer read)."""
+    mask = np.zeros((40, 100, 300), bool)
+    mask[10:30, 40:60, 140:160] = True  # a cord-like organ
+    mask[2, 5, 290] = True  # a speck far away
+    res = postprocess_structure(mask, structure("SpinalCord"), VOXEL_CC, SPACING)
+    assert res.components_removed == 1
+    assert res.box == (slice(10, 30), slice(40, 60), slice(140, 160)) == bounding_box(res.mask)
+    assert np.allclose(res.centroid_index, [19.5, 49.5, 149.5])
