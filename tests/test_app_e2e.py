@@ -57,6 +57,8 @@ def outputs(out: Path) -> tuple[Path, Path, dict]:
 def test_real_ct_writes_seg_rtstruct_and_report(chus_run):
     proc, out, volume = chus_run
     assert proc.returncode == 0, proc.stderr[-3000:]
+    # app.main leaves without the interpreter's teardown: the log is flushed first, to its last line
+    assert "hn-autocontour: done in" in proc.stderr.strip().splitlines()[-1]
     seg, rts, report = outputs(out)
     qa = report["outputs"]["qa"]
     listed = [seg.name, rts.name, "report.json", *qa["secondary_capture"]["files"], "qa"]
@@ -222,3 +224,15 @@ def test_one_or_two_graph_workers_give_the_same_contours(tmp_path):
         assert np.array_equal(one[name], two[name]), name
     vols = [{s["name"]: s["volume_cc"] for s in r[2]["structures"]} for r in (runs[1], runs[2])]
     assert vols[0] == vols[1]
+
+
+def test_command_line_exit_code_and_last_line_of_a_refused_input(tmp_path):
+    """``python app.py`` ends through app.main (os._exit after flushing): the documented exit
+    code and the one-line error as the last line of stderr, nothing written."""
+    from autocontour.errors import InputError
+
+    proc = run_app(tmp_path / "no-such-folder", tmp_path / "out")
+    assert proc.returncode == InputError.exit_code != 0
+    last = proc.stderr.strip().splitlines()[-1]
+    assert "InputError: input folder" in last and "no-such-folder does not exist" in last
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())

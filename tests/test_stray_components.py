@@ -134,14 +134,20 @@ def test_an_external_computed_beside_the_models_is_used_as_given():
         postprocess(vol, {}, external=StructureResult("External", np.zeros((2, 2, 2), bool), 0.0))
 
 
+def two_levels(vol: Volume) -> tuple[np.ndarray, np.ndarray]:
+    """PTV_High and a PTV_Mid that misses High's two last columns (both stick out of the patient)."""
+    high = np.zeros(vol.array.shape, bool)
+    high[6:12, 15:30, 60:80] = True
+    mid = np.zeros_like(high)
+    mid[5:13, 14:31, 59:78] = True
+    return high, mid
+
+
 def test_nested_dose_levels_contain_the_higher_ones(caplog):
     """PTV_Mid = PTV63 + PTV70 contains PTV_High and PTV_Low contains PTV_Mid by definition:
     a higher level's voxels outside a lower one are added to it, logged and counted."""
     vol = body_volume()
-    high = np.zeros(vol.array.shape, bool)
-    high[6:12, 15:30, 60:80] = True
-    mid = np.zeros_like(high)
-    mid[5:13, 14:31, 59:78] = True  # misses high's two last columns
+    high, mid = two_levels(vol)
     low = np.zeros_like(high)
     low[4:14, 12:33, 55:85] = True  # holds both
     with caplog.at_level(logging.INFO, logger="autocontour.postprocess"):
@@ -180,10 +186,7 @@ def test_per_model_post_processing_and_merge_equal_one_call(caplog):
     from autocontour.postprocess import merge_structures, postprocess_masks
 
     vol = body_volume()
-    high = np.zeros(vol.array.shape, bool)
-    high[6:12, 15:30, 60:80] = True
-    mid = np.zeros_like(high)
-    mid[5:13, 14:31, 59:78] = True  # misses high's two last columns
+    high, mid = two_levels(vol)
     left = np.zeros_like(high)
     left[6:10, 20:26, 70:78] = True  # patient left is +x: high i
     left[14, 20, 10] = True  # a far speck, removed
