@@ -15,7 +15,7 @@ MAP_TIMEOUT ?= 1800
 MAP_IMAGE ?= localhost/hn-autocontour:$(shell sed -n 's/^__version__ = "\(.*\)"/\1/p' autocontour/__init__.py)-cpu
 MAP_RENDER_ARGS ?=
 
-.PHONY: run test venv train-venv train export evaluate bench package map-image map-run node clean
+.PHONY: run test test-train venv train-venv train export evaluate bench package map-image map-run node clean
 
 $(STAMP): requirements.txt requirements-dev.txt
 	test -x $(VPY) || $(PY) -m venv $(VENV)
@@ -38,6 +38,10 @@ $(TRAIN_VENV)/.installed: requirements-train.txt requirements.txt
 	touch $@
 
 train-venv: $(TRAIN_VENV)/.installed
+
+## the tests that need torch (training networks, deep supervision, export): `make test` skips them
+test-train: train-venv
+	$(TPY) -m pytest -q tests/test_networks.py
 
 ## train both default models, side by side, one thread each (resumes the committed stage in
 ## training/checkpoints/<task>/state.pt; a clean clone continues where the last run stopped)

@@ -24,7 +24,7 @@ import torch
 from training.context import context_labels
 from training.data import cached_cases
 from training.tasks import TASKS
-from training.train import ROOT, build_network, holdout_dice, init_from_torchscript
+from training.train import ROOT, build_network, checkpoint_network, holdout_dice, init_from_torchscript
 
 logger = logging.getLogger("training.checkpoint_dice")
 
@@ -50,10 +50,10 @@ def main() -> None:
         if task.context:
             model = args.context_model or ROOT / "models" / task.context / "model.ts"
             contexts = context_labels(cases, task, model, ROOT / "training/cache")
-        net = build_network(task)
+        meta = torch.load(ckpt, weights_only=False, map_location="cpu")
+        net = build_network(task, checkpoint_network(meta))
         init_from_torchscript(net, ckpt)
         dice = holdout_dice(net, cases, task, contexts)
-        meta = torch.load(ckpt, weights_only=False, map_location="cpu")
         result[f"{name} {ckpt}"] = {
             "task": name, "checkpoint": str(ckpt), "iteration": meta.get("iteration"),
             "patients": len(cases), "data": str(args.data.name),

@@ -21,16 +21,18 @@ import yaml
 
 from autocontour.model_config import sha256_file
 from training.tasks import TASKS, Task
-from training.train import ROOT, build_network
+from training.networks import deployable, describe
+from training.train import ROOT, build_network, checkpoint_network
 
 logger = logging.getLogger("training.export")
 
 
 def export(task: Task, checkpoint: Path, out_dir: Path, version: str, mirror: bool) -> Path:
     ck = torch.load(checkpoint, weights_only=False, map_location="cpu")
-    net = build_network(task)
+    network = checkpoint_network(ck)
+    net = build_network(task, network)
     net.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in ck["model"].items()})
-    net.eval()
+    net = deployable(net).eval()  # training-only parts (deep-supervision heads) are not exported
     out_dir.mkdir(parents=True, exist_ok=True)
     x = torch.zeros(1, task.in_channels, *task.patch_zyx)
     onnx_path, ts_path = out_dir / "model.onnx", out_dir / "model.ts"
@@ -44,7 +46,7 @@ def export(task: Task, checkpoint: Path, out_dir: Path, version: str, mirror: bo
     # check the ONNX graph reproduces the network
     import onnxruntime as ort
 
-    xr = torch.rand(2, 1, *task.patch_zyx)
+    xr = torch.rand(2, task.in_channels, *task.patch_zyx)
     with torch.inference_mode():
         ref = net(xr).numpy()
     got = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"]).run(None, {"image": xr.numpy()})[0]
@@ -65,7 +67,7 @@ def export(task: Task, checkpoint: Path, out_dir: Path, version: str, mirror: bo
             "torchscript": {"path": ts_path.name, "sha256": sha256_file(ts_path)},
         },
         "network": {
-            "architecture": "MONAI UNet (3-D, residual units 1, instance norm)",
+            "architecture": describe(network),
             "channels": list(task.channels),
             "parameters": int(sum(p.numel() for p in net.parameters())),
         },

@@ -36,8 +36,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from monai.inferers import sliding_window_inference
-from monai.networks.nets import UNet
 
+from training import networks
 from training.augment import NO_AUGMENTATION, AugmentConfig, augment_intensity, cut_patch, mirror_lr
 from training.context import context_labels, one_hot_context
 from training.data import Case, cached_cases
@@ -48,16 +48,14 @@ logger = logging.getLogger("training.train")
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def build_network(task: Task) -> torch.nn.Module:
-    return UNet(
-        spatial_dims=3,
-        in_channels=task.in_channels,
-        out_channels=task.out_channels,
-        channels=task.channels,
-        strides=(2,) * (len(task.channels) - 1),
-        num_res_units=1,
-        norm="instance",
-    )
+def build_network(task: Task, network: str = "unet") -> torch.nn.Module:
+    """``task``'s network (``training.networks``: ``unet`` or ``dynunet-ds``)."""
+    return networks.build_network(network, task.in_channels, task.out_channels, task.channels)
+
+
+def checkpoint_network(checkpoint: dict) -> str:
+    """The network a saved stage was trained with (stages before ``--network`` used ``unet``)."""
+    return (checkpoint.get("stage") or {}).get("network", "unet")
 
 
 def normalise(ct: np.ndarray, task: Task) -> np.ndarray:
@@ -241,7 +239,13 @@ def init_from_torchscript(net: torch.nn.Module, path: Path) -> None:
     else:
         src = torch.jit.load(str(path), map_location="cpu").state_dict()
     dst = net.state_dict()
+    missing = [k for k in dst if k not in src and not k.startswith(networks.HEADS_PREFIX)]  # new heads start fresh
+    if missing:
+        raise ValueError(f"{path}: not the same network ({len(missing)} of its tensors missing, e.g. {missing[0]}); "
+                         "start a new network from scratch (no --init)")
     for k, v in dst.items():
+        if k not in src:
+            continue
         w = src[k]
         if w.shape != v.shape:
             if w.ndim > 2 and w.shape[0] == v.shape[0] and w.shape[1] < v.shape[1] and w.shape[2:] == v.shape[2:]:
@@ -281,7 +285,8 @@ def save_atomic(obj, path: Path) -> None:
 
 # What a stage of training is: stored in its checkpoint, so that resuming (make train, a new
 # machine, a GPU) continues the same schedule without repeating the options.
-STAGE_KEYS = ("iterations", "batch", "lr", "warmup", "seed", "recall_weight", "init", "augment", "context_model")
+STAGE_KEYS = ("iterations", "batch", "lr", "warmup", "seed", "recall_weight", "init", "augment", "context_model",
+              "network")
 
 
 def main() -> None:
@@ -304,6 +309,8 @@ def main() -> None:
     ap.add_argument("--context-model", type=Path,
                     help="tasks with a context (hn_target_ctx): that task's model.ts (default models/<context>/model.ts)")
     ap.add_argument("--no-augment", action="store_true", help="ablation: patches without augmentation")
+    ap.add_argument("--network", choices=networks.NETWORKS, default="unet",
+                    help="new stage: the network (training/networks.py; dynunet-ds trains with deep supervision)")
     ap.add_argument("--checkpoints", type=Path, default=ROOT / "training/checkpoints",
                     help="where the committed, resumable stage lives (<task>/state.pt, best.pt, history.json)")
     ap.add_argument("--new-stage", action="store_true", help="start a new stage even if a checkpoint exists")
@@ -318,7 +325,6 @@ def main() -> None:
     run.mkdir(parents=True, exist_ok=True)
     state_path = run / "state.pt"
 
-    net = build_network(task).to(device)
     stage = {k: getattr(args, k.replace("-", "_")) for k in STAGE_KEYS if k != "augment"}
     stage["init"] = str(args.init) if args.init else None
     if task.context:
@@ -329,6 +335,8 @@ def main() -> None:
     if state_path.exists() and not args.new_stage:
         ck = torch.load(state_path, weights_only=False, map_location="cpu")
         stage = ck["stage"]
+        stage.setdefault("network", checkpoint_network(ck))
+        net = build_network(task, stage["network"]).to(device)
         net.load_state_dict(_cast(ck["model"], torch.float32))
         it, best, history = ck["iteration"], ck["best"], ck["history"]
         if args.reschedule:
@@ -338,11 +346,13 @@ def main() -> None:
             stage["iterations"] = args.reschedule
         logger.info("resumed %s at iteration %d of %d (best holdout %.3f), stage %s", state_path, it,
                     stage["iterations"], best, stage)
-    elif args.init:
-        init_from_torchscript(net, args.init)
-        logger.info("new stage from %s: %s", args.init, stage)
     else:
-        logger.info("new stage from scratch: %s", stage)
+        net = build_network(task, stage["network"]).to(device)
+        if args.init:
+            init_from_torchscript(net, args.init)
+            logger.info("new stage from %s: %s", args.init, stage)
+        else:
+            logger.info("new stage from scratch: %s", stage)
     opt = torch.optim.AdamW(net.parameters(), lr=stage["lr"], weight_decay=1e-4)
     if ck is not None and ck.get("opt") is not None:
         opt.load_state_dict(_cast(ck["opt"], torch.float32))
@@ -362,10 +372,13 @@ def main() -> None:
     sampler = Sampler(train_cases, task, np.random.default_rng([stage["seed"], it]), cfg, contexts)
     del cases, train_cases  # the sampler holds what it needs (normalised image, uint8 targets)
     if task.kind == "softmax":
-        def loss_fn(lg, y, k):
+        def head_loss(lg, y, k):
             return softmax_marginal_loss(lg, y, k, stage["recall_weight"])
     else:
-        loss_fn = sigmoid_loss
+        head_loss = sigmoid_loss
+
+    def loss_fn(lg, y, k):  # deep-supervised outputs: every head, weighted (training/networks.py)
+        return networks.deep_supervision_loss(head_loss, lg, y, k)
     net.train()
     t0, run_loss = time.time(), []
     started = t0

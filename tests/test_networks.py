@@ -1,0 +1,90 @@
+"""The training networks and deep supervision (training/networks.py), warm start into a
+deep-supervised network, and its export to the ONNX model the app runs.
+
+These need torch, which the app's venv does not have: they run in the training venv
+(``make test-train``) and are skipped in ``make test``.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+torch = pytest.importorskip("torch", reason="torch is in the training venv only: run `make test-train`")
+
+from training.networks import (  # noqa: E402
+    DEEP_SUPERVISION_HEADS, HEADS_PREFIX, build_network, deep_supervision_loss, deployable,
+)
+from training.tasks import TASKS  # noqa: E402
+from training.train import checkpoint_network, init_from_torchscript, softmax_marginal_loss  # noqa: E402
+
+PATCH = (16, 32, 32)  # small, divisible by 2^4
+WIDTHS = (8, 16, 32, 64, 128)
+
+
+def test_deep_supervised_unet_returns_heads_in_training_and_the_plain_unet_in_eval():
+    torch.manual_seed(0)
+    net = build_network("unet-ds", 1, 8, WIDTHS)
+    x = torch.rand(2, 1, *PATCH)
+    out = net.train()(x)
+    assert out.shape == (2, 1 + DEEP_SUPERVISION_HEADS, 8, *PATCH)
+    assert not torch.equal(out[:, 1], out[:, 0]) and not torch.equal(out[:, 2], out[:, 1])
+    out[:, 1:].sum().backward()  # the heads' losses reach the decoder
+    assert net.model[1].submodule[2][0].conv.weight.grad.abs().sum() > 0
+    net.eval()
+    plain = deployable(net).eval()
+    assert type(plain).__name__ == "UNet" and not any(k.startswith(HEADS_PREFIX) for k in plain.state_dict())
+    with torch.inference_mode():
+        assert torch.equal(net(x), plain(x))  # eval: the plain UNet's logits, nothing else
+    with pytest.raises(ValueError, match="unknown network 'vnet'"):
+        build_network("vnet", 1, 8, WIDTHS)
+
+
+def test_deep_supervision_loss_weights_the_heads_by_halves():
+    torch.manual_seed(0)
+    labels = torch.randint(0, 8, (2, *PATCH))
+    known = torch.ones(2, 7, PATCH[0], dtype=torch.bool)
+    heads = torch.randn(2, 3, 8, *PATCH)
+    each = [float(softmax_marginal_loss(heads[:, i], labels, known)) for i in range(3)]
+    got = float(deep_supervision_loss(softmax_marginal_loss, heads, labels, known))
+    assert got == pytest.approx((4 * each[0] + 2 * each[1] + each[2]) / 7, rel=1e-5)
+    # an ordinary output: the loss itself
+    assert float(deep_supervision_loss(softmax_marginal_loss, heads[:, 0], labels, known)) == pytest.approx(each[0])
+
+
+def test_a_released_unet_warm_starts_the_deep_supervised_one(tmp_path):
+    torch.manual_seed(1)
+    released = build_network("unet", 1, 8, WIDTHS).eval()
+    x = torch.rand(1, 1, *PATCH)
+    torch.jit.trace(released, x).save(str(tmp_path / "model.ts"))
+    net = build_network("unet-ds", 1, 8, WIDTHS)
+    init_from_torchscript(net, tmp_path / "model.ts")
+    with torch.inference_mode():
+        assert torch.allclose(net.eval()(x), released(x), atol=1e-6)  # starts as the released model
+    other = build_network("unet", 1, 8, (8, 16, 32))  # a different network is refused, not half-loaded
+    torch.jit.trace(other.eval(), x).save(str(tmp_path / "other.ts"))
+    with pytest.raises(ValueError, match="not the same network"):
+        init_from_torchscript(build_network("unet-ds", 1, 8, WIDTHS), tmp_path / "other.ts")
+
+
+def test_a_deep_supervised_checkpoint_exports_the_plain_unet(tmp_path):
+    pytest.importorskip("onnxruntime")
+    import onnx
+    import yaml
+
+    from training.export import export
+
+    task = TASKS["hn_target"]
+    net = build_network("unet-ds", task.in_channels, task.out_channels, task.channels)
+    ck = {"model": {k: v.half() if v.is_floating_point() else v for k, v in net.state_dict().items()},
+          "iteration": 7, "holdout_mean": 0.5, "stage": {"network": "unet-ds"}}
+    torch.save(ck, tmp_path / "best.pt")
+    assert checkpoint_network(ck) == "unet-ds" and checkpoint_network({"stage": {"lr": 1e-3}}) == "unet"
+    out = export(task, tmp_path / "best.pt", tmp_path / "model", "0.0.1", mirror=False)  # checks ONNX == torch
+    meta = yaml.safe_load((out / "model.yaml").read_text())
+    assert "deep supervision" in meta["network"]["architecture"]
+    assert meta["training"]["stage"]["network"] == "unet-ds"
+    plain = build_network("unet", task.in_channels, task.out_channels, task.channels)
+    assert meta["network"]["parameters"] == sum(p.numel() for p in plain.parameters())
+    graph = onnx.load(str(out / "model.onnx")).graph
+    assert not any("deep_supervision" in i.name for i in graph.initializer)
+    assert [d.dim_value for d in graph.output[0].type.tensor_type.shape.dim[1:]] == [task.out_channels, *task.patch_zyx]
