@@ -256,6 +256,7 @@ def midline_x(volume: Volume, external: StructureResult | None) -> float:
 
 
 def _check_external(volume: Volume, external: bool | StructureResult) -> StructureResult | None:
+    """``postprocess``'s ``external`` argument as a result (computed if ``True``), or None."""
     if external is False:
         return None
     ext = external_structure(volume) if external is True else external
