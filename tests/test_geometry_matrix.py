@@ -74,9 +74,11 @@ DICE_MIN = 0.95  # every variant vs HFS, in patient coordinates, RTSTRUCT and SE
 # (near-)identical masks is a geometry error.  One voxel of shift costs far more than 0.01.
 SAME_GRID_DICE_MIN = 0.99
 # (variant, structure) -> a lower, documented floor for a model-sensitivity shortfall that is
-# not a placement error.  Empty since hn_oar 1.1.0: with 1.0.0 the spinal cord on the
-# non-square variant reached only 0.933 (held to 0.92 here); 1.1.0 gives 0.954.
-KNOWN_SHORTFALLS: dict[tuple[str, str], float] = {}
+# not a placement error (the centroid check below still holds it to half a voxel).  With
+# 1.0.0 the spinal cord on the non-square variant reached 0.933, with 1.1.0 0.954; hn_oar
+# 1.2.0, which contours the whole cord (18.7 cc here, 2-4 voxels across on
+# the model grid), gives 0.946: its resampled, non-square input moves the cord's thin ends.
+KNOWN_SHORTFALLS: dict[tuple[str, str], float] = {("nonsquare", "SpinalCord"): 0.94}
 MIN_STRUCTURES_FOUND = 3  # fewer non-empty reference structures would make the matrix vacuous
 
 pytestmark = pytest.mark.slow

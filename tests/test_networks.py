@@ -88,3 +88,30 @@ def test_a_deep_supervised_checkpoint_exports_the_plain_unet(tmp_path):
     graph = onnx.load(str(out / "model.onnx")).graph
     assert not any("deep_supervision" in i.name for i in graph.initializer)
     assert [d.dim_value for d in graph.output[0].type.tensor_type.shape.dim[1:]] == [task.out_channels, *task.patch_zyx]
+
+
+def test_a_soup_is_the_weighted_mean_of_its_ingredients_without_the_heads(tmp_path):
+    from training.soup import soup
+
+    task = TASKS["hn_target"]
+    torch.manual_seed(2)
+    a = build_network("unet", task.in_channels, task.out_channels, task.channels).eval()
+    torch.jit.trace(a, torch.rand(1, task.in_channels, *PATCH)).save(str(tmp_path / "model.ts"))
+    b = build_network("unet-ds", task.in_channels, task.out_channels, task.channels)
+    torch.save({"model": b.state_dict(), "iteration": 3, "stage": {"network": "unet-ds"}}, tmp_path / "best.pt")
+    mixed = soup(task, [tmp_path / "model.ts", tmp_path / "best.pt"], [1.0, 3.0])
+    assert not any(k.startswith(HEADS_PREFIX) for k in mixed)
+    assert set(mixed) == set(a.state_dict())
+    for k, v in a.state_dict().items():
+        if v.is_floating_point():
+            assert torch.allclose(mixed[k], 0.25 * v + 0.75 * b.state_dict()[k], atol=1e-6), k
+    w = "model.0.conv.unit0.conv.weight"
+    assert not torch.allclose(mixed[w], a.state_dict()[w])  # the ingredients differ: the mean is neither
+    with pytest.raises(ValueError, match="at least two"):
+        soup(task, [tmp_path / "model.ts"])
+    with pytest.raises(ValueError, match="one non-negative weight per checkpoint"):
+        soup(task, [tmp_path / "model.ts", tmp_path / "best.pt"], [1.0])
+    other = build_network("unet", task.in_channels, task.out_channels, (8, 16, 32)).eval()
+    torch.jit.trace(other, torch.rand(1, task.in_channels, *PATCH)).save(str(tmp_path / "other.ts"))
+    with pytest.raises(ValueError, match="not the same network"):
+        soup(task, [tmp_path / "model.ts", tmp_path / "other.ts"])

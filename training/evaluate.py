@@ -114,6 +114,8 @@ def evaluate(
             seg.members.append(open_segmenters([other], "cpu")[0].backend)
     paths = sorted(data.glob("*.npz"), key=lambda p: int(p.stem.split("_")[-1]))[:limit]
     per: dict[str, dict[str, list[dict]]] = {c.name: {} for c in cfgs}
+    # headline Dice per patient and structure: paired comparisons of two models (training.compare)
+    per_patient: dict[str, dict[str, dict[str, float]]] = {c.name: {} for c in cfgs}
     seconds: dict[str, list[float]] = {c.name: [] for c in cfgs}
     for path in paths:
         vol, case = case_volume(path)
@@ -130,6 +132,8 @@ def evaluate(
                     continue
                 row = score(masks[label], ref, case.spacing_zyx, label in PARTIAL_LENGTH)
                 per[cfg.name].setdefault(label, []).append(row)
+                per_patient[cfg.name].setdefault(path.stem, {})[label] = round(
+                    float(row.get("dice_ref_slices", row["dice"])), 4)
         logger.info("%s: %s", path.stem,
                     {m: {k: round(v[-1]["dice"], 3) for k, v in s.items()} for m, s in per.items()})
     result = {}
@@ -142,6 +146,7 @@ def evaluate(
             "ensemble_with": [str(f) for f in ensemble_with],
             **summarise(rows),
             "seconds_per_patient": round(float(np.mean(seconds[name])), 3),
+            "per_patient_headline_dice": per_patient[name],
         }
     return result
 
@@ -168,12 +173,14 @@ def main() -> None:
                       postprocessed=args.postprocess, ensemble_with=args.ensemble_with)
     if args.json:
         args.json.write_text(json.dumps(result, indent=1))
-    print(json.dumps(result, indent=1))  # noqa: T201 - this is a command-line report
+    print(json.dumps({n: {k: v for k, v in r.items() if k != "per_patient_headline_dice"} for n, r in result.items()},
+                     indent=1))  # noqa: T201 - this is a command-line report
     if args.write:
         for name in args.models:
             p = args.models_dir / name / "model.yaml"
             meta = yaml.safe_load(p.read_text())
-            meta["validation"] = {**result[name], "command": "python -m training.evaluate --write"
+            summary = {k: v for k, v in result[name].items() if k != "per_patient_headline_dice"}  # in --json only
+            meta["validation"] = {**summary, "command": "python -m training.evaluate --write"
                                   + {None: "", True: " --mirror", False: " --no-mirror"}[args.mirror]
                                   + (" --postprocess" if args.postprocess else "")}
             p.write_text(yaml.safe_dump(meta, sort_keys=False, width=120))

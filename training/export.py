@@ -92,7 +92,7 @@ def export(task: Task, checkpoint: Path, out_dir: Path, version: str, mirror: bo
             "for checkpoint selection; OpenKBP validation never used in training",
             "checkpoint": str(checkpoint.resolve().relative_to(ROOT)) if checkpoint.resolve().is_relative_to(ROOT)
             else str(checkpoint),
-            "iteration": int(ck["iteration"]),
+            "iteration": ck.get("iteration"),  # None for a soup (training.soup): its stage lists the ingredients
             "stage": ck.get("stage"),
             "holdout_mean_dice": round(float(ck.get("holdout_mean", float("nan"))), 4),
             "holdout_history": history,
@@ -104,7 +104,7 @@ def export(task: Task, checkpoint: Path, out_dir: Path, version: str, mirror: bo
         == sha256_file(onnx_path) else {},
     }
     (out_dir / "model.yaml").write_text(yaml.safe_dump(meta, sort_keys=False, width=120))
-    logger.info("exported %s (iteration %d) to %s", task.name, ck["iteration"], out_dir)
+    logger.info("exported %s (iteration %s) to %s", task.name, ck.get("iteration"), out_dir)
     return out_dir
 
 

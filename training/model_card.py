@@ -48,6 +48,10 @@ def render(meta: dict) -> str:
         f"- Checkpoint: iteration {t['iteration']} (best mean Dice {t['holdout_mean_dice']} on the 10 held-out train "
         "patients); the curve is `training.holdout_history` in model.yaml.",
         "- Command and seed: see [training/README.md](../../training/README.md).",
+    ]
+    if t.get("released"):
+        lines.append(f"- Released {t['released']}")
+    lines += [
         "",
         "## Validation (OpenKBP validation, 33 patients never used in training)",
     ]
@@ -55,7 +59,10 @@ def render(meta: dict) -> str:
         lines += [
             f"Measured with `{v.get('command', 'python -m training.evaluate --write')}` on the exported ONNX model "
             "through the app's own inference path (test-time mirroring "
-            f"{'on' if v.get('test_time_mirroring') else 'off'}), on each patient's own grid; a structure is scored "
+            f"{'on' if v.get('test_time_mirroring') else 'off'})"
+            + (" and its post-processing (External, stray pieces, holes: the contours the clinician receives)"
+               if v.get("postprocessed") else "")
+            + ", on each patient's own grid; a structure is scored "
             "only for patients where it was contoured. Surface Dice at 3 mm and HD95 are in mm on that grid "
             "(in-plane 2.7-5.4 mm). For organs contoured over a clinician-chosen length (Brainstem, SpinalCord, "
             "Esophagus) the headline uses the reference's slices only, as the AAPM 2017 thoracic challenge scored "
