@@ -115,3 +115,24 @@ def test_a_soup_is_the_weighted_mean_of_its_ingredients_without_the_heads(tmp_pa
     torch.jit.trace(other, torch.rand(1, task.in_channels, *PATCH)).save(str(tmp_path / "other.ts"))
     with pytest.raises(ValueError, match="not the same network"):
         soup(task, [tmp_path / "model.ts", tmp_path / "other.ts"])
+
+
+def test_the_int8_speed_candidate_is_a_quantised_graph_of_the_same_network(tmp_path):
+    ort = pytest.importorskip("onnxruntime")
+    import numpy as np
+    import onnx
+
+    from training.network_speed import int8
+
+    net = build_network("unet", 1, 8, WIDTHS).eval()
+    path = str(tmp_path / "net.onnx")
+    torch.onnx.export(net, torch.zeros(1, 1, *PATCH), path, input_names=["image"], output_names=["logits"],
+                      dynamic_axes={"image": {0: "batch"}}, opset_version=17, dynamo=False)
+    quantised = int8(path, PATCH)
+    ops = {n.op_type for n in onnx.load(quantised).graph.node}
+    assert {"QuantizeLinear", "DequantizeLinear", "Conv"} <= ops
+    x = np.random.default_rng(0).random((2, 1, *PATCH), dtype=np.float32)
+    ref = ort.InferenceSession(path, providers=["CPUExecutionProvider"]).run(None, {"image": x})[0]
+    got = ort.InferenceSession(quantised, providers=["CPUExecutionProvider"]).run(None, {"image": x})[0]
+    assert got.shape == ref.shape == (2, 8, *PATCH)
+    assert np.corrcoef(got.ravel(), ref.ravel())[0, 1] > 0.9  # the same network, at int8 precision
