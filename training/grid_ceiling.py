@@ -1,0 +1,108 @@
+"""What the model grid alone costs: Dice of a perfect model, through the app's own resampling.
+
+    python -m training.grid_ceiling --models hn_oar [--spacing 3 2 2] [--json training/results/x.json]
+
+For each OpenKBP patient, the references themselves stand in for the network: their one-hot
+label map is taken to the model grid exactly as the app takes the CT there
+(``autocontour.inference.to_model_grid``: anti-aliased linear resampling), used as the
+model's probabilities, and brought back to the patient grid by the app's own decision
+(``masks_on_patient_grid``: trilinear probabilities, argmax for softmax models, > 0.5 for
+sigmoid ones).  The Dice of the result against the reference (the headline rule of
+``training.evaluate``) is the ceiling that the grid sets: no model on that grid can do
+better, and the gap between the ceiling and 1 is what a finer grid could win.
+``--spacing`` scores another model grid (z y x mm) instead of the model's own.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+from pathlib import Path
+
+import numpy as np
+import yaml
+
+from autocontour import inference
+from autocontour.model_config import ModelKind, load_model_config
+from autocontour.volume import to_canonical
+from training.evaluate import PARTIAL_LENGTH, ROOT, case_volume, score, summarise
+from training.tasks import reference_mask
+
+logger = logging.getLogger("training.grid_ceiling")
+
+
+def ceiling_masks(refs: dict[str, np.ndarray], volume, spacing_zyx, kind) -> dict[str, np.ndarray]:
+    """The masks a model that is perfect on a ``spacing_zyx`` grid would get from the app,
+    for the references ``refs`` (bool, the volume's (k, j, i) order)."""
+    kind = ModelKind(kind)
+    view = to_canonical(volume)
+    step = np.array(spacing_zyx, float) / np.array(view.spacing_zyx)
+    labels = list(refs)
+    channels = []
+    if kind is ModelKind.SOFTMAX:  # background first; a voxel in two references goes to the first
+        taken = np.zeros(volume.array.shape, bool)
+        onehot = []
+        for name in labels:
+            m = refs[name] & ~taken
+            taken |= m
+            onehot.append(m)
+        channels = [~taken] + onehot
+    else:
+        channels = [refs[name] for name in labels]
+    probs = np.stack([inference.to_model_grid(view.forward(c).astype(np.float32), step) for c in channels])
+    box = tuple(slice(0, n) for n in probs.shape[1:])
+    canon_shape = view.forward(volume.array).shape
+    out = {name: np.zeros(volume.array.shape, bool) for name in labels}
+    for c, sl, mask in inference.masks_on_patient_grid(probs, kind, box, step, canon_shape):
+        view.forward(out[labels[c]])[sl] |= mask
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--models", nargs="+", default=["hn_oar", "hn_target"])
+    ap.add_argument("--models-dir", type=Path, default=ROOT / "models")
+    ap.add_argument("--data", type=Path, default=ROOT.parent / "shared/data/openkbp/validation")
+    ap.add_argument("--spacing", type=float, nargs=3, metavar=("Z", "Y", "X"), help="another model grid, mm")
+    ap.add_argument("--limit", type=int)
+    ap.add_argument("--json", type=Path)
+    args = ap.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    paths = sorted(args.data.glob("*.npz"), key=lambda p: int(p.stem.split("_")[-1]))[: args.limit]
+    result = {}
+    for name in args.models:
+        cfg = load_model_config(args.models_dir / name)
+        rois = yaml.safe_load((cfg.folder / "model.yaml").read_text())["output"]["source_rois"]
+        spacing = tuple(args.spacing) if args.spacing else tuple(cfg.spacing_zyx)
+        per: dict[str, list[dict]] = {}
+        grids = []
+        for path in paths:
+            vol, case = case_volume(path)
+            grids.append(case.spacing_zyx)
+            refs = {label: reference_mask(tuple(rois[label]), case) for label in cfg.labels}
+            known = {k: v for k, v in refs.items() if v is not None and v.any()}
+            if cfg.kind == ModelKind.SOFTMAX:  # every label a channel, unknown ones empty
+                masks = ceiling_masks({k: known.get(k, np.zeros(vol.array.shape, bool)) for k in cfg.labels},
+                                      vol, spacing, cfg.kind)
+            else:
+                masks = ceiling_masks(known, vol, spacing, cfg.kind) if known else {}
+            for label, ref in known.items():
+                per.setdefault(label, []).append(score(masks[label], ref, case.spacing_zyx, label in PARTIAL_LENGTH))
+        summary = summarise(per)
+        result[name] = {
+            "data": args.data.name, "patients": len(paths), "model_grid_zyx_mm": list(spacing),
+            "patient_grid_median_zyx_mm": [round(float(v), 2) for v in np.median(np.array(grids), axis=0)],
+            **summary,
+        }
+        logger.info("%s on a %s mm grid: headline ceiling %s %s", name, spacing, summary["headline_dice_mean"],
+                    summary["headline_dice_per_structure"])
+    if args.json:
+        args.json.write_text(json.dumps(result, indent=1))
+    print(json.dumps({n: {k: r[k] for k in ("model_grid_zyx_mm", "patient_grid_median_zyx_mm",  # noqa: T201
+                                            "headline_dice_per_structure", "headline_dice_mean")}
+                      for n, r in result.items()}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
