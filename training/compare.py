@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-KEY = "per_patient_headline_dice"
+from training.evaluate import PER_PATIENT as KEY  # the field training.evaluate --json writes
 
 
 def paired_bootstrap(

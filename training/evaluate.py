@@ -93,6 +93,28 @@ def summarise(per: dict[str, list[dict]]) -> dict:
     }
 
 
+def patient_files(data: Path, limit: int | None = None) -> list[Path]:
+    """The OpenKBP patients in ``data`` by patient number (the first ``limit`` of them)."""
+    return sorted(data.glob("*.npz"), key=lambda p: int(p.stem.split("_")[-1]))[:limit]
+
+
+PER_PATIENT = "per_patient_headline_dice"  # in --json only: training.compare's input
+
+
+def without_per_patient(result: dict) -> dict:
+    """One model's result without its per-patient rows (what is printed and stored in model.yaml)."""
+    return {k: v for k, v in result.items() if k != PER_PATIENT}
+
+
+def add_model_arguments(ap: argparse.ArgumentParser) -> None:
+    """The arguments that choose the models and the patients (shared with training.grid_ceiling)."""
+    ap.add_argument("--models", nargs="+", default=["hn_oar", "hn_target"])
+    ap.add_argument("--models-dir", type=Path, default=ROOT / "models")
+    ap.add_argument("--data", type=Path, default=ROOT.parent / "shared/data/openkbp/validation")
+    ap.add_argument("--limit", type=int)
+    ap.add_argument("--json", type=Path, help="also write the result to this file")
+
+
 def evaluate(
     models_dir: Path, names: list[str], data: Path, limit: int | None, mirror: bool | None = None,
     postprocessed: bool = False, ensemble_with: list[Path] = (),
@@ -112,7 +134,7 @@ def evaluate(
             ):
                 raise SystemExit(f"{folder / name}: labels, grid, window or kind differ from {seg.model.folder}")
             seg.members.append(open_segmenters([other], "cpu")[0].backend)
-    paths = sorted(data.glob("*.npz"), key=lambda p: int(p.stem.split("_")[-1]))[:limit]
+    paths = patient_files(data, limit)
     per: dict[str, dict[str, list[dict]]] = {c.name: {} for c in cfgs}
     # headline Dice per patient and structure: paired comparisons of two models (training.compare)
     per_patient: dict[str, dict[str, dict[str, float]]] = {c.name: {} for c in cfgs}
@@ -146,17 +168,14 @@ def evaluate(
             "ensemble_with": [str(f) for f in ensemble_with],
             **summarise(rows),
             "seconds_per_patient": round(float(np.mean(seconds[name])), 3),
-            "per_patient_headline_dice": per_patient[name],
+            PER_PATIENT: per_patient[name],
         }
     return result
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--models", nargs="+", default=["hn_oar", "hn_target"])
-    ap.add_argument("--models-dir", type=Path, default=ROOT / "models")
-    ap.add_argument("--data", type=Path, default=ROOT.parent / "shared/data/openkbp/validation")
-    ap.add_argument("--limit", type=int)
+    add_model_arguments(ap)
     tta = ap.add_mutually_exclusive_group()
     tta.add_argument("--mirror", dest="mirror", action="store_true", default=None,
                      help="force test-time mirroring on (default: as model.yaml says, as the app runs)")
@@ -165,7 +184,6 @@ def main() -> None:
                     help="score after the app's post-processing (what the clinician receives), not the raw output")
     ap.add_argument("--ensemble-with", type=Path, nargs="+", default=[], metavar="DIR",
                     help="average each model with DIR/<name> (an exported candidate): the ensemble's Dice")
-    ap.add_argument("--json", type=Path, help="also write the result to this file")
     ap.add_argument("--write", action="store_true", help="store the result in models/<name>/model.yaml")
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
@@ -173,14 +191,12 @@ def main() -> None:
                       postprocessed=args.postprocess, ensemble_with=args.ensemble_with)
     if args.json:
         args.json.write_text(json.dumps(result, indent=1))
-    print(json.dumps({n: {k: v for k, v in r.items() if k != "per_patient_headline_dice"} for n, r in result.items()},
-                     indent=1))  # noqa: T201 - this is a command-line report
+    print(json.dumps({n: without_per_patient(r) for n, r in result.items()}, indent=1))  # noqa: T201 - a report
     if args.write:
         for name in args.models:
             p = args.models_dir / name / "model.yaml"
             meta = yaml.safe_load(p.read_text())
-            summary = {k: v for k, v in result[name].items() if k != "per_patient_headline_dice"}  # in --json only
-            meta["validation"] = {**summary, "command": "python -m training.evaluate --write"
+            meta["validation"] = {**without_per_patient(result[name]), "command": "python -m training.evaluate --write"
                                   + {None: "", True: " --mirror", False: " --no-mirror"}[args.mirror]
                                   + (" --postprocess" if args.postprocess else "")}
             p.write_text(yaml.safe_dump(meta, sort_keys=False, width=120))

@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-from pathlib import Path
 
 import numpy as np
 import yaml
@@ -26,7 +25,7 @@ import yaml
 from autocontour import inference
 from autocontour.model_config import ModelKind, load_model_config
 from autocontour.volume import to_canonical
-from training.evaluate import PARTIAL_LENGTH, ROOT, case_volume, score, summarise
+from training.evaluate import PARTIAL_LENGTH, add_model_arguments, case_volume, patient_files, score, summarise
 from training.tasks import reference_mask
 
 logger = logging.getLogger("training.grid_ceiling")
@@ -39,7 +38,6 @@ def ceiling_masks(refs: dict[str, np.ndarray], volume, spacing_zyx, kind) -> dic
     view = to_canonical(volume)
     step = np.array(spacing_zyx, float) / np.array(view.spacing_zyx)
     labels = list(refs)
-    channels = []
     if kind is ModelKind.SOFTMAX:  # background first; a voxel in two references goes to the first
         taken = np.zeros(volume.array.shape, bool)
         onehot = []
@@ -61,15 +59,11 @@ def ceiling_masks(refs: dict[str, np.ndarray], volume, spacing_zyx, kind) -> dic
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--models", nargs="+", default=["hn_oar", "hn_target"])
-    ap.add_argument("--models-dir", type=Path, default=ROOT / "models")
-    ap.add_argument("--data", type=Path, default=ROOT.parent / "shared/data/openkbp/validation")
+    add_model_arguments(ap)
     ap.add_argument("--spacing", type=float, nargs=3, metavar=("Z", "Y", "X"), help="another model grid, mm")
-    ap.add_argument("--limit", type=int)
-    ap.add_argument("--json", type=Path)
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-    paths = sorted(args.data.glob("*.npz"), key=lambda p: int(p.stem.split("_")[-1]))[: args.limit]
+    paths = patient_files(args.data, args.limit)
     result = {}
     for name in args.models:
         cfg = load_model_config(args.models_dir / name)

@@ -4,8 +4,8 @@ A stage names its network (``--network``, recorded in the stage like its other s
 ``training.export`` reads it back from the checkpoint, so a checkpoint is always rebuilt
 with the network it was trained with.
 
-* ``unet``: MONAI ``UNet`` (residual units 1, instance norm), the network of hn_oar 1.1.0
-  and hn_target 2.0.0.  Its first layer is a stride-2 residual unit, so almost nothing is
+* ``unet``: MONAI ``UNet`` (residual units 1, instance norm), the network of every released
+  model.  Its first layer is a stride-2 residual unit, so almost nothing is
   computed at full resolution: that is what keeps a 64x80x80 window near 0.3 s on one CPU
   core.  nnU-Net's blocks (MONAI ``DynUNet``: two 3x3x3 convolutions at full resolution)
   with the same widths cost 6.8x that per window (3.99 s against 0.59 s per batch of two,
@@ -87,8 +87,7 @@ def deployable(net: torch.nn.Module) -> torch.nn.Module:
     weights (its training-only heads dropped); any other network is itself."""
     if not isinstance(net, DeepSupervisedUNet):
         return net
-    plain = UNet(spatial_dims=net.dimensions, in_channels=net.in_channels, out_channels=net.out_channels,
-                 channels=net.channels, strides=net.strides, num_res_units=net.num_res_units, norm=net.norm)
+    plain = build_network("unet", net.in_channels, net.out_channels, tuple(net.channels))
     plain.load_state_dict({k: v for k, v in net.state_dict().items() if not k.startswith(HEADS_PREFIX)})
     return plain.train(net.training)
 

@@ -62,9 +62,9 @@ def main() -> None:
     task = TASKS[args.task]
     if task.context:
         ap.error(f"{task.name}: held-out scoring of a context model's soup is not supported")
-    weights = soup(task, args.checkpoint, args.weight)
+    stored = _cast(soup(task, args.checkpoint, args.weight), torch.float16)  # as best.pt stores weights
     net = build_network(task, "unet")
-    net.load_state_dict(_cast(_cast(weights, torch.float16), torch.float32))  # scored as it is stored
+    net.load_state_dict(_cast(stored, torch.float32))  # scored as it is stored
     cases = cached_cases(args.data, task.spacing_zyx, ROOT / "training/cache")[-args.holdout :]
     dice = holdout_dice(net, cases, task)
     mean = float(np.nanmean(dice))
@@ -72,7 +72,7 @@ def main() -> None:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     stage = {"network": "unet", "soup": [str(p) for p in args.checkpoint],
              "soup_weights": args.weight or [1.0] * len(args.checkpoint)}
-    save_atomic({"model": _cast(weights, torch.float16), "iteration": None, "holdout_mean": mean, "stage": stage,
+    save_atomic({"model": stored, "iteration": None, "holdout_mean": mean, "stage": stage,
                  "holdout_dice": {o[0]: round(d, 4) for o, d in zip(task.outputs, dice)}}, args.out)
     logger.info("wrote %s: %s", args.out, stage)
 

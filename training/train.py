@@ -49,7 +49,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def build_network(task: Task, network: str = "unet") -> torch.nn.Module:
-    """``task``'s network (``training.networks``: ``unet`` or ``dynunet-ds``)."""
+    """``task``'s network (``training.networks``: ``unet`` or ``unet-ds``)."""
     return networks.build_network(network, task.in_channels, task.out_channels, task.channels)
 
 
@@ -310,7 +310,7 @@ def main() -> None:
                     help="tasks with a context (hn_target_ctx): that task's model.ts (default models/<context>/model.ts)")
     ap.add_argument("--no-augment", action="store_true", help="ablation: patches without augmentation")
     ap.add_argument("--network", choices=networks.NETWORKS, default="unet",
-                    help="new stage: the network (training/networks.py; dynunet-ds trains with deep supervision)")
+                    help="new stage: the network (training/networks.py; unet-ds trains with deep supervision)")
     ap.add_argument("--checkpoints", type=Path, default=ROOT / "training/checkpoints",
                     help="where the committed, resumable stage lives (<task>/state.pt, best.pt, history.json)")
     ap.add_argument("--new-stage", action="store_true", help="start a new stage even if a checkpoint exists")
