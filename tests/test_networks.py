@@ -7,6 +7,7 @@ These need torch, which the app's venv does not have: they run in the training v
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 
 torch = pytest.importorskip("torch", reason="torch is in the training venv only: run `make test-train`")
@@ -119,7 +120,6 @@ def test_a_soup_is_the_weighted_mean_of_its_ingredients_without_the_heads(tmp_pa
 
 def test_the_int8_speed_candidate_is_a_quantised_graph_of_the_same_network(tmp_path):
     ort = pytest.importorskip("onnxruntime")
-    import numpy as np
     import onnx
 
     from training.network_speed import int8
@@ -136,3 +136,35 @@ def test_the_int8_speed_candidate_is_a_quantised_graph_of_the_same_network(tmp_p
     got = ort.InferenceSession(quantised, providers=["CPUExecutionProvider"]).run(None, {"image": x})[0]
     assert got.shape == ref.shape == (2, 8, *PATCH)
     assert np.corrcoef(got.ravel(), ref.ravel())[0, 1] > 0.9  # the same network, at int8 precision
+
+
+def _cases(*names):
+    from training.data import Case
+
+    return [Case(n, np.zeros((1, 1, 1), np.int16), np.zeros((10, 1, 1, 1), bool), np.ones(10, bool), (3.0, 4.0, 4.0))
+            for n in names]
+
+
+def test_extra_data_is_trained_on_and_the_held_out_patients_stay_the_main_folders():
+    from training.train import split_cases
+
+    train, held = split_cases(_cases("pt_1", "pt_2", "pt_3"), 1, {"validation": _cases("pt_201", "pt_202")})
+    assert [c.name for c in held] == ["pt_3"]
+    assert [c.name for c in train] == ["pt_1", "pt_2", "pt_201", "pt_202"]
+    assert [c.name for c in split_cases(_cases("pt_1", "pt_2"), 1)[0]] == ["pt_1"]
+
+
+def test_extra_data_that_repeats_a_patient_is_refused():
+    from training.train import split_cases
+
+    with pytest.raises(SystemExit, match="pt_3"):
+        split_cases(_cases("pt_1", "pt_2", "pt_3"), 1, {"train-again": _cases("pt_3")})
+
+
+def test_the_model_yaml_says_when_the_weights_were_also_trained_on_validation():
+    from training.export import data_description
+
+    assert data_description({}).endswith("OpenKBP validation never used in training")
+    text = data_description({"extra_data": ["../shared/data/openkbp/validation"]})
+    assert "also trained on every patient of ../shared/data/openkbp/validation" in text
+    assert "never used in training" not in text

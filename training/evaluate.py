@@ -8,7 +8,10 @@ CPU backend), not the training checkpoint; with ``--postprocess`` also the app's
 post-processing (``autocontour.postprocess.postprocess``: External, stray components, holes,
 targets clipped to the External, nested levels), so the figures are those of the contours the
 clinician receives.  ``--write`` stores the result in each
-``models/<name>/model.yaml`` under ``validation``.
+``models/<name>/model.yaml`` under ``validation``.  A model trained on these patients too
+(``training.train --extra-data``, once validation has fixed the recipe) is not scored as its
+own validation: ``--models-dir CONTROL --write-recipe-for models`` stores the figures of the
+recipe's control (the same stage without them) in its model.yaml, marked as such.
 """
 
 from __future__ import annotations
@@ -184,22 +187,70 @@ def main() -> None:
                     help="score after the app's post-processing (what the clinician receives), not the raw output")
     ap.add_argument("--ensemble-with", type=Path, nargs="+", default=[], metavar="DIR",
                     help="average each model with DIR/<name> (an exported candidate): the ensemble's Dice")
-    ap.add_argument("--write", action="store_true", help="store the result in models/<name>/model.yaml")
+    out = ap.add_mutually_exclusive_group()
+    out.add_argument("--write", action="store_true", help="store the result in models/<name>/model.yaml")
+    out.add_argument("--write-recipe-for", type=Path, metavar="DIR",
+                     help="the evaluated models are the recipe's controls (trained without these patients): store "
+                          "the result in DIR/<name>/model.yaml, whose weights were trained on them (--extra-data)")
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    for name in args.models:  # before the minutes of scoring: a figure that could not be stored is wasted
+        if trained_on(_meta(args.models_dir, name), args.data) and (args.write or args.write_recipe_for):
+            raise SystemExit(
+                f"{args.models_dir / name} was trained on the patients of {args.data} (training --extra-data): "
+                "its Dice there is memory, not validation. Evaluate the recipe's control, trained without them, "
+                f"and store it with --models-dir CONTROL --write-recipe-for {args.models_dir}")
     result = evaluate(args.models_dir, args.models, args.data, args.limit, mirror=args.mirror,
                       postprocessed=args.postprocess, ensemble_with=args.ensemble_with)
     if args.json:
         args.json.write_text(json.dumps(result, indent=1))
     print(json.dumps({n: without_per_patient(r) for n, r in result.items()}, indent=1))  # noqa: T201 - a report
-    if args.write:
+    target = args.models_dir if args.write else args.write_recipe_for
+    if target:
+        options = ({None: "", True: " --mirror", False: " --no-mirror"}[args.mirror]
+                   + (" --postprocess" if args.postprocess else ""))
         for name in args.models:
-            p = args.models_dir / name / "model.yaml"
+            p = target / name / "model.yaml"
             meta = yaml.safe_load(p.read_text())
-            meta["validation"] = {**without_per_patient(result[name]), "command": "python -m training.evaluate --write"
-                                  + {None: "", True: " --mirror", False: " --no-mirror"}[args.mirror]
-                                  + (" --postprocess" if args.postprocess else "")}
+            validation = {**without_per_patient(result[name]), "command": "python -m training.evaluate --write" + options}
+            if args.write_recipe_for:
+                validation["command"] = f"python -m training.evaluate --models-dir CONTROL --write-recipe-for DIR{options}"
+                validation["recipe_control"] = recipe_control(_meta(args.models_dir, name), meta, args.data)
+            meta["validation"] = validation
             p.write_text(yaml.safe_dump(meta, sort_keys=False, width=120))
+
+
+def _meta(models_dir: Path, name: str) -> dict:
+    return yaml.safe_load((models_dir / name / "model.yaml").read_text())
+
+
+def trained_on(meta: dict, data: Path) -> bool:
+    """Whether the model of ``meta`` (its model.yaml) was trained on the patients of ``data``
+    (``training.train --extra-data``, recorded in its stage): its Dice there is no validation."""
+    stage = (meta.get("training") or {}).get("stage") or {}
+    return any((ROOT / folder).resolve() == data.resolve() for folder in stage.get("extra_data") or [])
+
+
+def recipe_control(control: dict, released: dict, data: Path) -> dict:
+    """What ``validation.recipe_control`` says in the released model's model.yaml: the figures
+    are those of ``control``, the same recipe trained without the patients of ``data``.
+
+    Refused unless the released model was trained on ``data`` and the control was not, and
+    both ran the same stage apart from the extra data (the recipe is what is measured)."""
+    if not trained_on(released, data):
+        raise SystemExit(f"--write-recipe-for: {released['name']} {released['version']} was not trained on {data}; "
+                         "store its own figures with --write")
+    same = {k: v for k, v in released["training"]["stage"].items() if k != "extra_data"}
+    ctl = {k: v for k, v in (control["training"].get("stage") or {}).items() if k != "extra_data"}
+    if same != ctl:
+        raise SystemExit(f"--write-recipe-for: the control's stage {ctl} is not the released model's {same} "
+                         "without its extra data: it does not measure the recipe")
+    return {
+        "onnx_sha256": control["files"]["onnx"]["sha256"],
+        "iteration": control["training"].get("iteration"),
+        "note": f"these figures are the recipe's: the same stage trained without the {data.name} patients; the "
+                f"released weights were also trained on them, so their own Dice there is not a measure",
+    }
 
 
 if __name__ == "__main__":

@@ -27,6 +27,17 @@ from training.train import ROOT, build_network, checkpoint_network
 logger = logging.getLogger("training.export")
 
 
+def data_description(stage: dict) -> str:
+    """``training.data`` in model.yaml: which patients the weights were trained on."""
+    text = ("OpenKBP train (170 head-and-neck planning CTs with clinical contours; Babier et al., Med Phys 2021; "
+            "images from TCIA, CC BY): 160 trained on, the last 10 by number held out for checkpoint selection")
+    extra = stage.get("extra_data") or []
+    if not extra:
+        return text + "; OpenKBP validation never used in training"
+    return (text + "; also trained on every patient of " + ", ".join(extra) + " (--extra-data, once validation had "
+            "fixed the recipe): the validation figures below are the recipe's, measured on a control trained without them")
+
+
 def export(task: Task, checkpoint: Path, out_dir: Path, version: str, mirror: bool) -> Path:
     ck = torch.load(checkpoint, weights_only=False, map_location="cpu")
     network = checkpoint_network(ck)
@@ -87,9 +98,7 @@ def export(task: Task, checkpoint: Path, out_dir: Path, version: str, mirror: bo
         # patches (measured for hn_oar 1.1.0, trained without: Esophagus -0.06 Dice with it)
         "inference": {"test_time_mirroring": mirror},
         "training": {
-            "data": "OpenKBP train (170 head-and-neck planning CTs with clinical contours; "
-            "Babier et al., Med Phys 2021; images from TCIA, CC BY): 160 trained on, the last 10 by number held out "
-            "for checkpoint selection; OpenKBP validation never used in training",
+            "data": data_description(ck.get("stage") or {}),
             "checkpoint": str(checkpoint.resolve().relative_to(ROOT)) if checkpoint.resolve().is_relative_to(ROOT)
             else str(checkpoint),
             "iteration": ck.get("iteration"),  # None for a soup (training.soup): its stage lists the ingredients

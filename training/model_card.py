@@ -51,10 +51,18 @@ def render(meta: dict) -> str:
     ]
     if t.get("released"):
         lines.append(f"- Released {t['released']}")
+    control = v.get("recipe_control")
     lines += [
         "",
-        "## Validation (OpenKBP validation, 33 patients never used in training)",
+        "## Validation of the recipe (OpenKBP validation, 33 patients these weights were also trained on)" if control
+        else "## Validation (OpenKBP validation, 33 patients never used in training)",
     ]
+    if control:
+        lines += [
+            f"The figures below are the recipe's: {control['note']} (control: iteration {control['iteration']}, "
+            f"ONNX sha256 `{control['onnx_sha256']}`).",
+            "",
+        ]
     if v:
         lines += [
             f"Measured with `{v.get('command', 'python -m training.evaluate --write')}` on the exported ONNX model "

@@ -28,6 +28,7 @@ import argparse
 import contextlib
 import json
 import logging
+import os
 import random
 import time
 from pathlib import Path
@@ -285,6 +286,32 @@ def save_atomic(obj, path: Path) -> None:
 
 # What a stage of training is: stored in its checkpoint, so that resuming (make train, a new
 # machine, a GPU) continues the same schedule without repeating the options.
+def split_cases(cases: list[Case], holdout: int, extra: dict[str, list[Case]] | None = None
+                ) -> tuple[list[Case], list[Case]]:
+    """(trained on, held out): the last ``holdout`` of ``cases`` are held out for checkpoint
+    selection; every patient of each ``extra`` folder is trained on (``--extra-data``).
+
+    A patient in two folders is refused: it could put a held-out patient into training.
+    """
+    train, held = cases[:-holdout], cases[-holdout:]
+    seen = {c.name for c in cases}
+    for folder, more in (extra or {}).items():
+        twice = sorted(seen & {c.name for c in more})
+        if twice:
+            raise SystemExit(f"--extra-data {folder}: patients {', '.join(twice[:5])} are already in the data; "
+                             "give a folder of other patients (the OpenKBP validation set)")
+        seen |= {c.name for c in more}
+        logger.info("training also on the %d patients of %s", len(more), folder)
+        train = train + more
+    return train, held
+
+
+def _repo_relative(path: Path) -> str:
+    """``path`` as the stage records it: relative to the repository root where it can be, so a
+    clean clone with ``../shared`` beside it (or a GPU machine) resumes the same stage."""
+    return os.path.relpath(path.resolve(), ROOT)
+
+
 STAGE_KEYS = ("iterations", "batch", "lr", "warmup", "seed", "recall_weight", "init", "augment", "context_model",
               "network")
 
@@ -314,6 +341,9 @@ def main() -> None:
     ap.add_argument("--checkpoints", type=Path, default=ROOT / "training/checkpoints",
                     help="where the committed, resumable stage lives (<task>/state.pt, best.pt, history.json)")
     ap.add_argument("--new-stage", action="store_true", help="start a new stage even if a checkpoint exists")
+    ap.add_argument("--extra-data", type=Path, action="append", default=[], metavar="DIR",
+                    help="new stage: another OpenKBP folder whose patients are all trained on, never held out "
+                         "(the validation set, once validation has fixed the recipe; recorded in the stage)")
     ap.add_argument("--reschedule", type=int, metavar="N",
                     help="resume with the stage's poly schedule ending at iteration N instead (recorded in the stage)")
     args = ap.parse_args()
@@ -330,6 +360,7 @@ def main() -> None:
     if task.context:
         stage["context_model"] = str(args.context_model or Path("models") / task.context / "model.ts")
     stage["augment"] = not args.no_augment
+    stage["extra_data"] = [_repo_relative(p) for p in args.extra_data]
     it, best, history = 0, -1.0, []
     ck = None
     if state_path.exists() and not args.new_stage:
@@ -361,7 +392,9 @@ def main() -> None:
     np.random.seed(stage["seed"])
     torch.manual_seed(stage["seed"] + it)
     cases = cached_cases(args.data, task.spacing_zyx, ROOT / "training/cache")
-    train_cases, hold_cases = cases[: -args.holdout], cases[-args.holdout :]
+    extra = {folder: cached_cases(ROOT / folder, task.spacing_zyx, ROOT / "training/cache")
+             for folder in stage.get("extra_data", [])}
+    train_cases, hold_cases = split_cases(cases, args.holdout, extra)
     contexts = hold_contexts = None
     if task.context:
         ctx_model = ROOT / stage["context_model"]

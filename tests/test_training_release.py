@@ -1,0 +1,75 @@
+"""A release trained on train + validation (``training.train --extra-data``): its own Dice on
+the validation patients is not a measure, so ``training.evaluate`` stores the recipe's figures
+(a control trained without them) in its model.yaml, and the model card says so."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import pytest
+import yaml
+
+from training.evaluate import ROOT, recipe_control, trained_on
+from training.model_card import render
+
+VALIDATION = ROOT.parent / "shared/data/openkbp/validation"
+STAGE = {"iterations": 1800, "lr": 0.0002, "seed": 20261203, "init": "models/hn_oar/model.ts", "extra_data": []}
+
+
+def _meta(extra: list[str], sha: str = "a" * 64) -> dict:
+    meta = yaml.safe_load((ROOT / "models/hn_oar/model.yaml").read_text())
+    meta = copy.deepcopy(meta)
+    meta["files"]["onnx"]["sha256"] = sha
+    meta["training"]["stage"] = {**STAGE, "extra_data": extra}
+    meta["training"]["iteration"] = 1500
+    return meta
+
+
+def test_a_model_trained_on_the_validation_folder_is_recognised_by_its_stage():
+    assert trained_on(_meta(["../shared/data/openkbp/validation"]), VALIDATION)
+    assert not trained_on(_meta([]), VALIDATION)
+    assert not trained_on(_meta(["../shared/data/openkbp/validation"]), ROOT.parent / "shared/data/openkbp/train")
+    assert not trained_on({"training": {}}, VALIDATION)  # 1.x model.yaml files have no stage
+
+
+def test_the_recipes_figures_come_from_a_control_of_the_same_stage_without_the_extra_data():
+    released, control = _meta(["../shared/data/openkbp/validation"]), _meta([], sha="c" * 64)
+    note = recipe_control(control, released, VALIDATION)
+    assert note["onnx_sha256"] == "c" * 64 and note["iteration"] == 1500
+    assert "without the validation patients" in note["note"]
+
+
+@pytest.mark.parametrize("case", ["released not trained on it", "control from another stage"])
+def test_a_control_that_does_not_measure_the_recipe_is_refused(case):
+    released, control = _meta(["../shared/data/openkbp/validation"]), _meta([])
+    if case == "released not trained on it":
+        released = _meta([])
+    else:
+        control["training"]["stage"]["lr"] = 0.001
+    with pytest.raises(SystemExit, match="--write-recipe-for"):
+        recipe_control(control, released, VALIDATION)
+
+
+def test_the_model_card_says_whose_figures_the_validation_table_holds():
+    released, control = _meta(["../shared/data/openkbp/validation"]), _meta([], sha="c" * 64)
+    own = render(released)
+    assert "## Validation (OpenKBP validation, 33 patients never used in training)" in own
+    released["validation"]["recipe_control"] = recipe_control(control, released, VALIDATION)
+    card = render(released)
+    assert "## Validation of the recipe (OpenKBP validation, 33 patients these weights were also trained on)" in card
+    assert "never used in training" not in card.split("## Validation")[1].split("##")[0]
+    assert "c" * 64 in card
+
+
+def test_evaluate_refuses_to_store_a_models_own_dice_on_patients_it_was_trained_on(tmp_path, monkeypatch):
+    from training import evaluate as ev
+
+    (tmp_path / "hn_oar").mkdir()
+    (tmp_path / "hn_oar" / "model.yaml").write_text(yaml.safe_dump(_meta(["../shared/data/openkbp/validation"])))
+    monkeypatch.setattr(ev, "evaluate", lambda *a, **k: pytest.fail("scored before refusing"))
+    monkeypatch.setattr("sys.argv", ["evaluate", "--models", "hn_oar", "--models-dir", str(tmp_path),
+                                     "--data", str(VALIDATION), "--write"])
+    with pytest.raises(SystemExit, match="memory, not validation"):
+        ev.main()
+    assert Path(tmp_path / "hn_oar" / "model.yaml").read_text().count("recipe_control") == 0
