@@ -73,3 +73,15 @@ def test_evaluate_refuses_to_store_a_models_own_dice_on_patients_it_was_trained_
     with pytest.raises(SystemExit, match="memory, not validation"):
         ev.main()
     assert Path(tmp_path / "hn_oar" / "model.yaml").read_text().count("recipe_control") == 0
+
+
+def test_the_last_patients_are_the_trainers_held_out_ones(tmp_path):
+    """``training.evaluate --data .../train --last 10`` scores the patients the trainer held out
+    (the last ``--holdout`` by patient number, as ``training.data.cached_cases`` orders them)."""
+    from training.evaluate import patient_files
+
+    for n in (1, 2, 10, 100, 190, 200):
+        (tmp_path / f"pt_{n}.npz").write_bytes(b"")
+    assert [p.stem for p in patient_files(tmp_path, last=2)] == ["pt_190", "pt_200"]
+    assert [p.stem for p in patient_files(tmp_path, limit=2)] == ["pt_1", "pt_2"]
+    assert len(patient_files(tmp_path)) == 6

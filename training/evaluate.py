@@ -96,9 +96,11 @@ def summarise(per: dict[str, list[dict]]) -> dict:
     }
 
 
-def patient_files(data: Path, limit: int | None = None) -> list[Path]:
-    """The OpenKBP patients in ``data`` by patient number (the first ``limit`` of them)."""
-    return sorted(data.glob("*.npz"), key=lambda p: int(p.stem.split("_")[-1]))[:limit]
+def patient_files(data: Path, limit: int | None = None, last: int | None = None) -> list[Path]:
+    """The OpenKBP patients in ``data`` by patient number: the first ``limit`` of them, or the
+    last ``last`` (``--data .../train --last 10``: the trainer's held-out patients)."""
+    paths = sorted(data.glob("*.npz"), key=lambda p: int(p.stem.split("_")[-1]))
+    return paths[-last:] if last else paths[:limit]
 
 
 PER_PATIENT = "per_patient_headline_dice"  # in --json only: training.compare's input
@@ -114,13 +116,16 @@ def add_model_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--models", nargs="+", default=["hn_oar", "hn_target"])
     ap.add_argument("--models-dir", type=Path, default=ROOT / "models")
     ap.add_argument("--data", type=Path, default=ROOT.parent / "shared/data/openkbp/validation")
-    ap.add_argument("--limit", type=int)
+    which = ap.add_mutually_exclusive_group()
+    which.add_argument("--limit", type=int, help="the first N patients by number")
+    which.add_argument("--last", type=int, metavar="N",
+                       help="the last N patients by number (with the train folder: the trainer's --holdout patients)")
     ap.add_argument("--json", type=Path, help="also write the result to this file")
 
 
 def evaluate(
     models_dir: Path, names: list[str], data: Path, limit: int | None, mirror: bool | None = None,
-    postprocessed: bool = False, ensemble_with: list[Path] = (),
+    postprocessed: bool = False, ensemble_with: list[Path] = (), last: int | None = None,
 ) -> dict:
     """``mirror``: test-time mirroring forced on or off; None runs each model as the app does.
     ``postprocessed``: score the masks after the app's post-processing (each model's
@@ -137,7 +142,7 @@ def evaluate(
             ):
                 raise SystemExit(f"{folder / name}: labels, grid, window or kind differ from {seg.model.folder}")
             seg.members.append(open_segmenters([other], "cpu")[0].backend)
-    paths = patient_files(data, limit)
+    paths = patient_files(data, limit, last)
     per: dict[str, dict[str, list[dict]]] = {c.name: {} for c in cfgs}
     # headline Dice per patient and structure: paired comparisons of two models (training.compare)
     per_patient: dict[str, dict[str, dict[str, float]]] = {c.name: {} for c in cfgs}
@@ -201,7 +206,7 @@ def main() -> None:
                 "its Dice there is memory, not validation. Evaluate the recipe's control, trained without them, "
                 f"and store it with --models-dir CONTROL --write-recipe-for {args.models_dir}")
     result = evaluate(args.models_dir, args.models, args.data, args.limit, mirror=args.mirror,
-                      postprocessed=args.postprocess, ensemble_with=args.ensemble_with)
+                      postprocessed=args.postprocess, ensemble_with=args.ensemble_with, last=args.last)
     if args.json:
         args.json.write_text(json.dumps(result, indent=1))
     print(json.dumps({n: without_per_patient(r) for n, r in result.items()}, indent=1))  # noqa: T201 - a report

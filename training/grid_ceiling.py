@@ -63,7 +63,7 @@ def main() -> None:
     ap.add_argument("--spacing", type=float, nargs=3, metavar=("Z", "Y", "X"), help="another model grid, mm")
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-    paths = patient_files(args.data, args.limit)
+    paths = patient_files(args.data, args.limit, args.last)
     result = {}
     for name in args.models:
         cfg = load_model_config(args.models_dir / name)
