@@ -1,7 +1,8 @@
 """DICOM helpers both writers (SEG and RTSTRUCT) share.
 
 * ``write_dataset``: a dataset saved as a Part 10 file, or an ``OutputError``.
-* ``format_ds`` / ``format_ds_array``: Decimal Strings of at most 16 characters.
+* ``format_ds`` / ``format_ds_array`` / ``format_contour_data``: Decimal Strings of at most
+  16 characters.
 * ``require_lo``: a Long String refused, not cut, when over 64 characters.
 * ``copy_patient_and_study``: the patient and study attributes both copy from the CT
   (one list, ``PATIENT_STUDY_KEYWORDS``).
@@ -43,7 +44,7 @@ logger = logging.getLogger(__name__)
 
 __all__ = [
     "put_text", "put_uint", "put_sequence", "mark_explicit_little", "encode_text", "encode_uint", "encode_sequence",
-    "encode_item", "format_ds", "format_ds_array", "require_lo", "write_dataset", "copy_patient_and_study",
+    "encode_item", "format_ds", "format_ds_array", "format_contour_data", "require_lo", "write_dataset", "copy_patient_and_study",
     "PATIENT_STUDY_KEYWORDS",
 ]
 
@@ -173,13 +174,30 @@ def format_ds_array(values: np.ndarray) -> list[str]:
     "0.000").  Raises ValueError for a value that is not finite or too large for 16
     characters.
     """
+    return list(map("{:.3f}".format, _ds_3f_values(values).tolist()))
+
+
+def format_contour_data(xy: np.ndarray, z_text: str) -> str:
+    """The ContourData text ``x\\y\\z\\x\\y\\z...`` of points on one slice: x and y as
+    ``format_ds_array`` writes them, z the slice's own DS text on every point.
+
+    One ``%`` format over the whole contour, about twice as fast as formatting value by
+    value: the RTSTRUCT writer formats ~100 000 values and is on the app's critical path.
+    """
+    v = _ds_3f_values(xy)
+    point = "%.3f\\%.3f\\" + z_text.replace("%", "%%")
+    return "\\".join([point] * (v.size // 2)) % tuple(v.tolist())
+
+
+def _ds_3f_values(values: np.ndarray) -> np.ndarray:
+    """``values`` flattened, checked to fit a 16-character DS with 3 decimals, with the values
+    that would print as "-0.000" made 0."""
     v = np.asarray(values, dtype=float).ravel()
     if not np.isfinite(v).all():
         raise ValueError("cannot write NaN or infinity as a DICOM DS")
     if v.size and np.abs(v).max() >= _DS_3F_LIMIT:
         raise ValueError(f"{np.abs(v).max()} is too large for a 16-character DICOM DS with 3 decimals")
-    v = np.where((v > -0.0005) & (v <= 0.0), 0.0, v)  # values that would print as "-0.000"
-    return list(map("{:.3f}".format, v.tolist()))
+    return np.where((v > -0.0005) & (v <= 0.0), 0.0, v)
 
 
 LO_MAX_CHARS = 64  # Long String (LO): at most 64 characters

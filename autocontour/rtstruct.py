@@ -29,8 +29,8 @@ from pydicom.sequence import Sequence as DicomSequence
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
 
 from autocontour.dicom_elements import (
-    PATIENT_STUDY_KEYWORDS, copy_patient_and_study, encode_item, encode_sequence, encode_text, format_ds,
-    format_ds_array, mark_explicit_little, put_sequence, require_lo,
+    PATIENT_STUDY_KEYWORDS, copy_patient_and_study, encode_item, encode_sequence, encode_text, format_contour_data,
+    format_ds, mark_explicit_little, put_sequence, require_lo,
 )
 from autocontour.errors import GeometryError
 from autocontour.postprocess import bounding_box
@@ -364,16 +364,14 @@ def _contour_items(
     closed_planar = encode_text("ContourGeometricType", "CLOSED_PLANAR")
     for k_box in sorted(traced):
         k = box[0].start + k_box
-        # every point exactly on the slice's plane: (x, y) formatted, z the slice's own text
-        point_text = "{}\\{}\\" + slice_z[k]
         for rc in traced[k_box]:
             points = _to_patient(rc, volume.affine, k, origin_rc)
-            xy = format_ds_array(points[:, :2])
             items.append(encode_item([
                 slice_images[k],
                 closed_planar,
                 encode_text("NumberOfContourPoints", str(len(points))),
                 encode_text("ContourNumber", str(len(items) + 1)),
-                encode_text("ContourData", "\\".join(map(point_text.format, xy[0::2], xy[1::2]))),
+                # every point exactly on the slice's plane: (x, y) formatted, z the slice's own text
+                encode_text("ContourData", format_contour_data(points[:, :2], slice_z[k])),
             ]))
     return items

@@ -13,7 +13,8 @@ from pydicom.uid import ExplicitVRLittleEndian
 from pydicom.sequence import Sequence as DicomSequence
 
 from autocontour.dicom_elements import (
-    encode_item, encode_sequence, encode_text, encode_uint, format_ds, format_ds_array, put_sequence, put_text,
+    encode_item, encode_sequence, encode_text, encode_uint, format_contour_data, format_ds, format_ds_array,
+    put_sequence, put_text,
     put_uint, write_dataset,
 )
 
@@ -49,6 +50,18 @@ def test_format_ds_array_has_no_negative_zero_and_fits_16_chars() -> None:
 def test_format_ds_array_refuses_what_ds_cannot_hold(bad) -> None:
     with pytest.raises(ValueError):
         format_ds_array(np.array([1.0, bad]))
+    with pytest.raises(ValueError):
+        format_contour_data(np.array([[1.0, bad]]), "0")
+
+
+def test_contour_data_is_each_points_x_y_and_the_slices_own_z_text() -> None:
+    rng = np.random.default_rng(5)
+    xy = np.concatenate([rng.uniform(-600, 600, (500, 2)), [[-0.0004, 0.0], [-0.0005, 2.0005], [1e10, -1e10]]])
+    xs, ys = format_ds_array(xy[:, 0]), format_ds_array(xy[:, 1])
+    expected = "\\".join(f"{x}\\{y}\\-12.5" for x, y in zip(xs, ys))
+    assert format_contour_data(xy, "-12.5") == expected
+    assert format_contour_data(xy[:1], "3%") == f"{xs[0]}\\{ys[0]}\\3%"  # the z text is copied, never formatted
+    assert format_contour_data(np.zeros((0, 2)), "0") == ""
 
 
 @pytest.mark.parametrize(
