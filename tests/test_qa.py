@@ -179,5 +179,7 @@ def test_chus_qa_series_passes_dciodvfy_and_references_the_study(tmp_path):
     sc = pydicom.dcmread(staged[name])
     assert sc.StudyInstanceUID == vol.study_instance_uid and sc.SeriesInstanceUID == series_uid
     assert sc.ReferencedSeriesSequence[0].SeriesInstanceUID == vol.series_instance_uid
-    assert len(sc.SourceImageSequence) == len(vol.sop_instance_uids)
+    for refs in (sc.SourceImageSequence, sc.ReferencedSeriesSequence[0].ReferencedInstanceSequence):
+        assert [r.ReferencedSOPInstanceUID for r in refs] == list(vol.sop_instance_uids)
+        assert {r.ReferencedSOPClassUID for r in refs} == {"1.2.840.10008.5.1.4.1.1.2"}  # CT Image Storage
     assert np.array_equal(sc.pixel_array, np.asarray(Image.open(tmp_path / "qa" / "qa_sheet.png").convert("RGB")))
