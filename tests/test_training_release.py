@@ -85,3 +85,10 @@ def test_the_last_patients_are_the_trainers_held_out_ones(tmp_path):
     assert [p.stem for p in patient_files(tmp_path, last=2)] == ["pt_190", "pt_200"]
     assert [p.stem for p in patient_files(tmp_path, limit=2)] == ["pt_1", "pt_2"]
     assert len(patient_files(tmp_path)) == 6
+
+
+def test_an_ablation_row_without_a_fair_validation_figure_shows_a_dash():
+    meta = _meta([])
+    meta["ablation"] = [{"change": "trained on validation", "headline_dice_mean": None, "added": "held-out only",
+                         "command": "python -m training.compare"}]
+    assert "| trained on validation | - | held-out only |" in render(meta)

@@ -105,7 +105,8 @@ def render(meta: dict) -> str:
             "|---|---|---|---|",
         ]
         for a in abl:
-            lines.append(f"| {a['change']} | {a['headline_dice_mean']:.3f} | {a.get('added', '-')} | `{a['command']}` |")
+            dice = "-" if a["headline_dice_mean"] is None else f"{a['headline_dice_mean']:.3f}"  # None: no fair figure
+            lines.append(f"| {a['change']} | {dice} | {a.get('added', '-')} | `{a['command']}` |")
     hist = t.get("holdout_history") or []
     if hist:
         lines += [
