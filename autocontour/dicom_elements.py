@@ -44,8 +44,8 @@ logger = logging.getLogger(__name__)
 
 __all__ = [
     "put_text", "put_uint", "put_sequence", "mark_explicit_little", "encode_text", "encode_uint", "encode_sequence",
-    "encode_item", "format_ds", "format_ds_array", "format_contour_data", "require_lo", "write_dataset", "copy_patient_and_study",
-    "PATIENT_STUDY_KEYWORDS",
+    "encode_item", "format_ds", "format_ds_array", "format_contour_data", "require_lo", "write_dataset",
+    "copy_patient_and_study", "PATIENT_STUDY_KEYWORDS",
 ]
 
 _TEXT_VRS = {"AE", "AS", "CS", "DA", "DS", "DT", "IS", "LO", "LT", "PN", "SH", "ST", "TM", "UC", "UI", "UT"}

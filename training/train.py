@@ -18,8 +18,9 @@ The patch sampler is re-seeded from (seed, iteration), so a resumed stage draws 
 patches as an uninterrupted one would.  The last ``--holdout`` train patients (by patient
 number) are held out for checkpoint selection, scored on the slices where each structure
 is known (partial-length organs on their reference's slices only); the OpenKBP
-``validation`` set is never seen here (``training/evaluate.py`` measures it on the
-exported ONNX model).
+``validation`` set is not seen here (``training/evaluate.py`` measures it on the
+exported ONNX model) unless a stage asks for it with ``--extra-data``, once validation has
+fixed the recipe (training/README.md, "Training on train + validation").
 """
 
 from __future__ import annotations
@@ -284,8 +285,6 @@ def save_atomic(obj, path: Path) -> None:
     tmp.replace(path)
 
 
-# What a stage of training is: stored in its checkpoint, so that resuming (make train, a new
-# machine, a GPU) continues the same schedule without repeating the options.
 def split_cases(cases: list[Case], holdout: int, extra: dict[str, list[Case]] | None = None
                 ) -> tuple[list[Case], list[Case]]:
     """(trained on, held out): the last ``holdout`` of ``cases`` are held out for checkpoint
@@ -312,6 +311,8 @@ def _repo_relative(path: Path) -> str:
     return os.path.relpath(path.resolve(), ROOT)
 
 
+# What a stage of training is: stored in its checkpoint, so that resuming (make train, a new
+# machine, a GPU) continues the same schedule without repeating the options.
 STAGE_KEYS = ("iterations", "batch", "lr", "warmup", "seed", "recall_weight", "init", "augment", "context_model",
               "network")
 
