@@ -60,6 +60,7 @@ def test_the_model_card_says_whose_figures_the_validation_table_holds():
     assert "## Validation of the recipe (OpenKBP validation, 33 patients these weights were also trained on)" in card
     assert "never used in training" not in card.split("## Validation")[1].split("##")[0]
     assert "c" * 64 in card
+    assert "The figures below are the recipe's: the same stage trained without the validation patients;" in card
 
 
 def test_evaluate_refuses_to_store_a_models_own_dice_on_patients_it_was_trained_on(tmp_path, monkeypatch):

@@ -253,8 +253,8 @@ def recipe_control(control: dict, released: dict, data: Path) -> dict:
     return {
         "onnx_sha256": control["files"]["onnx"]["sha256"],
         "iteration": control["training"].get("iteration"),
-        "note": f"these figures are the recipe's: the same stage trained without the {data.name} patients; the "
-                f"released weights were also trained on them, so their own Dice there is not a measure",
+        "note": f"the same stage trained without the {data.name} patients; the released weights were also "
+                "trained on them, so their own Dice there is not a measure",
     }
 
 
