@@ -93,3 +93,18 @@ def test_an_ablation_row_without_a_fair_validation_figure_shows_a_dash():
     meta["ablation"] = [{"change": "trained on validation", "headline_dice_mean": None, "added": "held-out only",
                          "command": "python -m training.compare"}]
     assert "| trained on validation | - | held-out only |" in render(meta)
+
+
+def test_evaluate_refuses_a_control_of_another_stage_before_scoring(tmp_path, monkeypatch):
+    from training import evaluate as ev
+
+    for folder, meta in (("control", _meta([])), ("released", _meta(["../shared/data/openkbp/validation"]))):
+        (tmp_path / folder / "hn_oar").mkdir(parents=True)
+        if folder == "control":
+            meta["training"]["stage"]["lr"] = 0.001
+        (tmp_path / folder / "hn_oar" / "model.yaml").write_text(yaml.safe_dump(meta))
+    monkeypatch.setattr(ev, "evaluate", lambda *a, **k: pytest.fail("scored before refusing"))
+    monkeypatch.setattr("sys.argv", ["evaluate", "--models", "hn_oar", "--models-dir", str(tmp_path / "control"),
+                                     "--data", str(VALIDATION), "--write-recipe-for", str(tmp_path / "released")])
+    with pytest.raises(SystemExit, match="does not measure the recipe"):
+        ev.main()

@@ -199,12 +199,17 @@ def main() -> None:
                           "the result in DIR/<name>/model.yaml, whose weights were trained on them (--extra-data)")
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-    for name in args.models:  # before the minutes of scoring: a figure that could not be stored is wasted
-        if trained_on(_meta(args.models_dir, name), args.data) and (args.write or args.write_recipe_for):
+    # what could not be stored is refused before the minutes of scoring
+    controls = {}  # --write-recipe-for: name -> validation.recipe_control of the released model
+    for name in args.models if args.write or args.write_recipe_for else []:
+        meta = _meta(args.models_dir, name)
+        if trained_on(meta, args.data):
             raise SystemExit(
                 f"{args.models_dir / name} was trained on the patients of {args.data} (training --extra-data): "
                 "its Dice there is memory, not validation. Evaluate the recipe's control, trained without them, "
                 f"and store it with --models-dir CONTROL --write-recipe-for {args.models_dir}")
+        if args.write_recipe_for:
+            controls[name] = recipe_control(meta, _meta(args.write_recipe_for, name), args.data)
     result = evaluate(args.models_dir, args.models, args.data, args.limit, mirror=args.mirror,
                       postprocessed=args.postprocess, ensemble_with=args.ensemble_with, last=args.last)
     if args.json:
@@ -212,16 +217,16 @@ def main() -> None:
     print(json.dumps({n: without_per_patient(r) for n, r in result.items()}, indent=1))  # noqa: T201 - a report
     target = args.models_dir if args.write else args.write_recipe_for
     if target:
-        options = ({None: "", True: " --mirror", False: " --no-mirror"}[args.mirror]
-                   + (" --postprocess" if args.postprocess else ""))
+        command = ("python -m training.evaluate --models-dir CONTROL --write-recipe-for DIR" if args.write_recipe_for
+                   else "python -m training.evaluate --write")
+        command += ({None: "", True: " --mirror", False: " --no-mirror"}[args.mirror]
+                    + (" --postprocess" if args.postprocess else ""))
         for name in args.models:
             p = target / name / "model.yaml"
             meta = yaml.safe_load(p.read_text())
-            validation = {**without_per_patient(result[name]), "command": "python -m training.evaluate --write" + options}
-            if args.write_recipe_for:
-                validation["command"] = f"python -m training.evaluate --models-dir CONTROL --write-recipe-for DIR{options}"
-                validation["recipe_control"] = recipe_control(_meta(args.models_dir, name), meta, args.data)
-            meta["validation"] = validation
+            meta["validation"] = {**without_per_patient(result[name]), "command": command}
+            if name in controls:
+                meta["validation"]["recipe_control"] = controls[name]
             p.write_text(yaml.safe_dump(meta, sort_keys=False, width=120))
 
 

@@ -22,7 +22,9 @@ import torch
 
 from training.tasks import TASKS, Task
 from training.data import cached_cases
-from training.train import ROOT, _cast, build_network, holdout_dice, init_from_torchscript, save_atomic
+from training.train import (
+    ROOT, _cast, build_network, holdout_dice, init_from_torchscript, save_atomic, split_cases,
+)
 
 logger = logging.getLogger("training.soup")
 
@@ -65,8 +67,8 @@ def main() -> None:
     stored = _cast(soup(task, args.checkpoint, args.weight), torch.float16)  # as best.pt stores weights
     net = build_network(task, "unet")
     net.load_state_dict(_cast(stored, torch.float32))  # scored as it is stored
-    cases = cached_cases(args.data, task.spacing_zyx, ROOT / "training/cache")[-args.holdout :]
-    dice = holdout_dice(net, cases, task)
+    _, held = split_cases(cached_cases(args.data, task.spacing_zyx, ROOT / "training/cache"), args.holdout)
+    dice = holdout_dice(net, held, task)
     mean = float(np.nanmean(dice))
     logger.info("held-out Dice %s mean %.3f", np.round(dice, 3).tolist(), mean)
     args.out.parent.mkdir(parents=True, exist_ok=True)
