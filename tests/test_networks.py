@@ -168,3 +168,71 @@ def test_the_model_yaml_says_when_the_weights_were_also_trained_on_validation():
     text = data_description({"extra_data": ["../shared/data/openkbp/validation"]})
     assert "also trained on every patient of ../shared/data/openkbp/validation" in text
     assert "never used in training" not in text
+
+
+def test_a_widened_unet_starts_as_the_narrow_one_and_its_copies_then_learn_apart():
+    from training.networks import unet_channels, widen
+
+    torch.manual_seed(2)
+    narrow = build_network("unet", 1, 8, WIDTHS).eval()
+    for m in narrow.modules():  # slopes away from MONAI's default, so the test sees them copied
+        if isinstance(m, torch.nn.PReLU):
+            m.weight.data.uniform_(0.1, 0.4)
+    wide_widths = (12, 16, 48, 96, 192)  # wider at the top and at the bottom, one level as it was
+    wide = build_network("unet", 1, 8, wide_widths)
+    wide.load_state_dict(widen(narrow.state_dict(), wide, torch.Generator().manual_seed(3)))
+    assert unet_channels(wide.state_dict()) == wide_widths and unet_channels(narrow.state_dict()) == WIDTHS
+    x = torch.rand(2, 1, *PATCH)
+    with torch.no_grad():
+        before = narrow(x)
+        assert before.abs().max() > 0.1
+        assert torch.allclose(wide.eval()(x), before, atol=1e-5)  # the same function
+
+    # the copies of one old channel do not stay copies: their gradients differ
+    key = "model.1.submodule.1.submodule.0.conv.unit0.conv.weight"  # produces level 2 (32 -> 48)
+    wide.train()
+    wide(x).square().mean().backward()
+    grad = dict(wide.named_parameters())[key].grad
+    w = wide.state_dict()[key]
+    copied = {j: [k for k in range(32) if torch.equal(w[j], w[k])] for j in range(32, 48)}
+    assert all(len(k) == 1 for k in copied.values())  # each new channel copies one old channel
+    j, src = 32, copied[32][0]
+    assert not torch.allclose(grad[j], grad[src])
+
+
+def test_widening_refuses_a_narrower_network_and_a_different_depth(tmp_path):
+    from training.networks import widen
+
+    narrow = build_network("unet", 1, 8, WIDTHS)
+    with pytest.raises(ValueError, match="narrower"):
+        widen(narrow.state_dict(), build_network("unet", 1, 8, (8, 16, 16, 64, 128)), torch.Generator())
+    with pytest.raises(ValueError, match="levels"):
+        widen(narrow.state_dict(), build_network("unet", 1, 8, (8, 16, 32, 64)), torch.Generator())
+
+
+def test_a_widened_stage_warm_starts_from_the_released_model_and_exports_its_widths(tmp_path):
+    pytest.importorskip("onnxruntime")
+    import yaml
+
+    from training.export import export
+    from training.train import build_network as task_network
+    from training.train import checkpoint_channels
+
+    task = TASKS["hn_target"]
+    torch.manual_seed(4)
+    released = task_network(task).eval()
+    x = torch.rand(1, task.in_channels, *task.patch_zyx)
+    torch.jit.trace(released, x).save(str(tmp_path / "model.ts"))
+    widths = (*task.channels[:2], *(c * 3 // 2 for c in task.channels[2:]))
+    net = task_network(task, "unet", widths)
+    init_from_torchscript(net, tmp_path / "model.ts", seed=5)
+    with torch.inference_mode():
+        assert torch.allclose(net.eval()(x), released(x), atol=1e-4)
+    ck = {"model": {k: v.half() for k, v in net.state_dict().items()}, "iteration": 3, "holdout_mean": 0.5,
+          "stage": {"network": "unet", "channels": list(widths)}}
+    torch.save(ck, tmp_path / "best.pt")
+    assert checkpoint_channels(ck, task) == widths and checkpoint_channels({"stage": {}}, task) == task.channels
+    out = export(task, tmp_path / "best.pt", tmp_path / "model", "0.0.1", mirror=False)  # checks ONNX == torch
+    meta = yaml.safe_load((out / "model.yaml").read_text())
+    assert meta["network"]["channels"] == list(widths)
+    assert meta["network"]["parameters"] == sum(p.numel() for p in net.parameters())

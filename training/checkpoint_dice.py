@@ -24,7 +24,9 @@ import torch
 from training.context import context_labels
 from training.data import cached_cases
 from training.tasks import TASKS
-from training.train import ROOT, build_network, checkpoint_network, holdout_dice, init_from_torchscript
+from training.train import (
+    ROOT, build_network, checkpoint_channels, checkpoint_network, holdout_dice, init_from_torchscript,
+)
 
 logger = logging.getLogger("training.checkpoint_dice")
 
@@ -51,7 +53,7 @@ def main() -> None:
             model = args.context_model or ROOT / "models" / task.context / "model.ts"
             contexts = context_labels(cases, task, model, ROOT / "training/cache")
         meta = torch.load(ckpt, weights_only=False, map_location="cpu")
-        net = build_network(task, checkpoint_network(meta))
+        net = build_network(task, checkpoint_network(meta), checkpoint_channels(meta, task))
         init_from_torchscript(net, ckpt)
         dice = holdout_dice(net, cases, task, contexts)
         result[f"{name} {ckpt}"] = {

@@ -22,7 +22,7 @@ import yaml
 from autocontour.model_config import sha256_file
 from training.tasks import TASKS, Task
 from training.networks import deployable, describe
-from training.train import ROOT, build_network, checkpoint_network
+from training.train import ROOT, build_network, checkpoint_channels, checkpoint_network
 
 logger = logging.getLogger("training.export")
 
@@ -41,7 +41,8 @@ def data_description(stage: dict) -> str:
 def export(task: Task, checkpoint: Path, out_dir: Path, version: str, mirror: bool) -> Path:
     ck = torch.load(checkpoint, weights_only=False, map_location="cpu")
     network = checkpoint_network(ck)
-    net = build_network(task, network)
+    channels = checkpoint_channels(ck, task)
+    net = build_network(task, network, channels)
     net.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in ck["model"].items()})
     net = deployable(net).eval()  # training-only parts (deep-supervision heads) are not exported
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -79,7 +80,7 @@ def export(task: Task, checkpoint: Path, out_dir: Path, version: str, mirror: bo
         },
         "network": {
             "architecture": describe(network),
-            "channels": list(task.channels),
+            "channels": list(channels),
             "parameters": int(sum(p.numel() for p in net.parameters())),
         },
         "input": {

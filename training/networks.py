@@ -116,3 +116,86 @@ def deep_supervision_loss(
     weights = torch.tensor([0.5**i for i in range(heads)])
     weights = weights / weights.sum()
     return sum(float(w) * loss_fn(output[:, i], *targets) for i, w in enumerate(weights))
+
+
+def _unet_layers(levels: int) -> list[tuple[str, str, int, list[str], int]]:
+    """The weight tensors of a MONAI ``UNet`` (``num_res_units=1``) as ``(key prefix, space it
+    produces, its output dim, spaces it consumes in order, their input dim)``.
+
+    Feature spaces: ``D<i>`` the output of down level ``i`` (``channels[i]`` wide; the bottom
+    level is ``D<levels-1>``), ``U<i>`` the output of up level ``i`` (``channels[i-1]`` wide;
+    ``U0`` is the network's output, ``in`` its input).  Up level ``i`` reads ``D<i>`` and
+    ``U<i+1>`` concatenated (``D<levels-1>`` for the deepest).
+    """
+    layers = []
+    prefix = "model."
+    for i in range(levels - 1):
+        src = "in" if i == 0 else f"D{i - 1}"
+        deeper = f"D{levels - 1}" if i == levels - 2 else f"U{i + 1}"
+        for part in ("conv.unit0.conv", "residual"):
+            layers.append((f"{prefix}0.{part}", f"D{i}", 0, [src], 1))
+        layers.append((f"{prefix}2.0.conv", f"U{i}", 1, [f"D{i}", deeper], 0))  # transposed: (in, out, ...)
+        layers.append((f"{prefix}2.1.conv.unit0.conv", f"U{i}", 0, [f"U{i}"], 1))  # identity residual
+        prefix += "1.submodule."
+    for part in ("conv.unit0.conv", "residual"):  # the bottom level's residual unit
+        layers.append((f"{prefix}{part}", f"D{levels - 1}", 0, [f"D{levels - 2}"], 1))
+    return layers
+
+
+def unet_channels(state: dict[str, torch.Tensor]) -> tuple[int, ...]:
+    """The widths of the MONAI ``UNet`` whose state dict is ``state`` (one per level; empty
+    for any other network)."""
+    widths, prefix = [], "model."
+    while f"{prefix}0.conv.unit0.conv.weight" in state:
+        widths.append(state[f"{prefix}0.conv.unit0.conv.weight"].shape[0])
+        prefix += "1.submodule."
+    bottom = state.get(f"{prefix}conv.unit0.conv.weight")
+    return () if bottom is None else (*widths, bottom.shape[0])
+
+
+def widen(src: dict[str, torch.Tensor], net: torch.nn.Module, generator: torch.Generator) -> dict[str, torch.Tensor]:
+    """``net``'s state dict holding the narrower MONAI ``UNet`` weights ``src``, widened so that
+    ``net`` computes exactly the same function (Net2Net's function-preserving widening, Chen
+    et al. 2016).
+
+    Each new channel of a feature space copies a randomly chosen old one (its incoming weights
+    and bias); every layer reading the space splits each old channel's weights among its
+    copies by random fractions that sum to one, so the sums (and the instance norms and
+    shared PReLUs after them) are unchanged.  The unequal fractions give the copies
+    different gradients, so they drift apart in training and the extra channels become
+    capacity.  Spaces of unchanged width are copied as they are.
+    """
+    if not isinstance(net, UNet):
+        raise ValueError(f"can only widen a MONAI UNet, not {type(net).__name__}")
+    channels = tuple(net.channels)
+    if len(unet_channels(src)) != len(channels):
+        raise ValueError(f"widen: {len(unet_channels(src))} levels cannot become {len(channels)}")
+    layers = _unet_layers(len(channels))
+    old = {space: src[f"{key}.weight"].shape[dim] for key, space, dim, _, _ in layers}
+    new = {f"D{i}": c for i, c in enumerate(channels)} | {f"U{i}": c for i, c in enumerate((net.out_channels,) + channels[:-2])}
+    old["in"] = new["in"] = net.in_channels
+    shrinks = [s for s in new if new[s] < old[s]]
+    if shrinks:
+        raise ValueError(f"widen: {', '.join(shrinks)} would get narrower ({old[shrinks[0]]} -> {new[shrinks[0]]})")
+    # channel j of a space copies old channel maps[space][j]: itself for the old ones
+    maps = {s: torch.cat([torch.arange(old[s]), torch.randint(old[s], (new[s] - old[s],), generator=generator)])
+            for s in new}
+
+    def fractions(space: str) -> torch.Tensor:
+        # random split of each old channel among its copies (exactly 1 for a channel never copied)
+        r = torch.rand(new[space], generator=generator) + 0.5
+        total = torch.zeros(old[space]).index_add_(0, maps[space], r)
+        return r / total[maps[space]]
+
+    out = {k: v.clone() for k, v in net.state_dict().items()}
+    for key, space, out_dim, reads, in_dim in layers:
+        w = src[f"{key}.weight"].float()
+        index = torch.cat([maps[s] + sum(old[t] for t in reads[:n]) for n, s in enumerate(reads)])
+        scale = torch.cat([fractions(s) for s in reads])
+        w = w.index_select(in_dim, index) * scale.reshape([-1 if d == in_dim else 1 for d in range(w.ndim)])
+        out[f"{key}.weight"] = w.index_select(out_dim, maps[space])
+        out[f"{key}.bias"] = src[f"{key}.bias"].float().index_select(0, maps[space])
+    for k, v in src.items():  # the PReLUs' shared slopes
+        if k not in {f"{key}.{p}" for key, *_ in layers for p in ("weight", "bias")}:
+            out[k] = v.float().clone()
+    return out

@@ -50,9 +50,15 @@ logger = logging.getLogger("training.train")
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def build_network(task: Task, network: str = "unet") -> torch.nn.Module:
-    """``task``'s network (``training.networks``: ``unet`` or ``unet-ds``)."""
-    return networks.build_network(network, task.in_channels, task.out_channels, task.channels)
+def build_network(task: Task, network: str = "unet", channels: tuple[int, ...] | None = None) -> torch.nn.Module:
+    """``task``'s network (``training.networks``: ``unet`` or ``unet-ds``), with ``channels``
+    (one width per level; default the task's own)."""
+    return networks.build_network(network, task.in_channels, task.out_channels, tuple(channels or task.channels))
+
+
+def checkpoint_channels(checkpoint: dict, task: Task) -> tuple[int, ...]:
+    """The widths of a saved stage's network (stages before ``--channels`` used the task's)."""
+    return tuple((checkpoint.get("stage") or {}).get("channels") or task.channels)
 
 
 def checkpoint_network(checkpoint: dict) -> str:
@@ -226,20 +232,25 @@ def holdout_dice(
     return [float(np.mean(s)) if s else float("nan") for s in scores]
 
 
-def init_from_torchscript(net: torch.nn.Module, path: Path) -> None:
+def init_from_torchscript(net: torch.nn.Module, path: Path, seed: int = 0) -> None:
     """Warm start from a released model's TorchScript file or a committed ``.pt`` checkpoint
     (same architecture).
 
     An output layer with fewer channels than the network's is replicated across them, so
     a one-level target model can seed a three-level one.  An input layer with fewer input
     channels than the network's (a CT-only model seeding one with context channels) gets
-    zero weights for the extra channels: the new network starts as the old one.
+    zero weights for the extra channels: the new network starts as the old one.  A network
+    with wider levels than the source (``--channels``) gets the source's weights widened so
+    that it starts as the same function (``networks.widen``, its random choices from ``seed``).
     """
     if Path(path).suffix == ".pt":  # a committed checkpoint (training/checkpoints/<task>/best.pt)
         src = torch.load(path, weights_only=False, map_location="cpu")["model"]
         src = {k: v.float() if v.is_floating_point() else v for k, v in src.items()}
     else:
         src = torch.jit.load(str(path), map_location="cpu").state_dict()
+    widths = networks.unet_channels(src)
+    if isinstance(net, networks.UNet) and len(widths) == len(net.channels) and widths != tuple(net.channels):
+        src = networks.widen(src, net, torch.Generator().manual_seed(seed))
     dst = net.state_dict()
     missing = [k for k in dst if k not in src and not k.startswith(networks.HEADS_PREFIX)]  # new heads start fresh
     if missing:
@@ -314,7 +325,7 @@ def _repo_relative(path: Path) -> str:
 # What a stage of training is: stored in its checkpoint, so that resuming (make train, a new
 # machine, a GPU) continues the same schedule without repeating the options.
 STAGE_KEYS = ("iterations", "batch", "lr", "warmup", "seed", "recall_weight", "init", "augment", "context_model",
-              "network")
+              "network", "channels")
 
 
 def main() -> None:
@@ -339,6 +350,9 @@ def main() -> None:
     ap.add_argument("--no-augment", action="store_true", help="ablation: patches without augmentation")
     ap.add_argument("--network", choices=networks.NETWORKS, default="unet",
                     help="new stage: the network (training/networks.py; unet-ds trains with deep supervision)")
+    ap.add_argument("--channels", type=int, nargs="+", metavar="C",
+                    help="new stage: one width per level (default the task's); wider than --init's model, "
+                         "its weights are widened to start as the same function (training/networks.py widen)")
     ap.add_argument("--checkpoints", type=Path, default=ROOT / "training/checkpoints",
                     help="where the committed, resumable stage lives (<task>/state.pt, best.pt, history.json)")
     ap.add_argument("--new-stage", action="store_true", help="start a new stage even if a checkpoint exists")
@@ -368,7 +382,7 @@ def main() -> None:
         ck = torch.load(state_path, weights_only=False, map_location="cpu")
         stage = ck["stage"]
         stage.setdefault("network", checkpoint_network(ck))
-        net = build_network(task, stage["network"]).to(device)
+        net = build_network(task, stage["network"], checkpoint_channels(ck, task)).to(device)
         net.load_state_dict(_cast(ck["model"], torch.float32))
         it, best, history = ck["iteration"], ck["best"], ck["history"]
         if args.reschedule:
@@ -379,9 +393,9 @@ def main() -> None:
         logger.info("resumed %s at iteration %d of %d (best holdout %.3f), stage %s", state_path, it,
                     stage["iterations"], best, stage)
     else:
-        net = build_network(task, stage["network"]).to(device)
+        net = build_network(task, stage["network"], stage["channels"]).to(device)
         if args.init:
-            init_from_torchscript(net, args.init)
+            init_from_torchscript(net, args.init, stage["seed"])
             logger.info("new stage from %s: %s", args.init, stage)
         else:
             logger.info("new stage from scratch: %s", stage)
