@@ -133,48 +133,16 @@ def to_probabilities(logits: np.ndarray, kind: ModelKind) -> np.ndarray:
     return 1.0 / (1.0 + np.exp(-logits))
 
 
-def _axis_resampling_matrix(n_src: int, step: float) -> np.ndarray:
-    """(n_out, n_src) float32 matrix: Gaussian anti-aliasing, then linear sampling at m * step.
-
-    The filter is ``scipy.ndimage.gaussian_filter1d(sigma=(step - 1) / 2, mode="nearest",
-    truncate=3.0)`` (applied only when step > 1.2, as skimage's rescale), written as a
-    matrix so filter and sampling become one BLAS product and only the output samples are
-    computed.
-    """
-    n_out = int(np.floor((n_src - 1) / step)) + 1
-    if step > 1.2:
-        sigma = (step - 1) / 2
-        radius = int(3.0 * sigma + 0.5)  # scipy's kernel half-width for truncate=3.0
-        taps = np.exp(-0.5 * (np.arange(-radius, radius + 1) / sigma) ** 2)
-        taps /= taps.sum()
-        filt = np.zeros((n_src, n_src))
-        rows = np.arange(n_src)
-        for t, w in zip(range(-radius, radius + 1), taps):
-            np.add.at(filt, (rows, np.clip(rows + t, 0, n_src - 1)), w)  # "nearest": edge samples repeat
-    else:
-        filt = np.eye(n_src)
-    pos = np.arange(n_out) * step
-    lo = np.minimum(np.floor(pos).astype(np.intp), n_src - 1)
-    hi = np.minimum(lo + 1, n_src - 1)
-    w = (pos - lo)[:, None]
-    return ((1 - w) * filt[lo] + w * filt[hi]).astype(np.float32)
-
-
-def _resample_along(arr: np.ndarray, mat: np.ndarray, axis: int) -> np.ndarray:
-    """``mat`` (n_out, n) applied along ``axis`` of ``arr`` as one 2-D BLAS product."""
-    moved = np.ascontiguousarray(np.moveaxis(arr, axis, -1))
-    out = (moved.reshape(-1, moved.shape[-1]) @ mat.T).reshape(*moved.shape[:-1], mat.shape[0])
-    return np.moveaxis(out, -1, axis)
-
-
 def to_model_grid(canon: np.ndarray, step: np.ndarray) -> np.ndarray:
     """Canonical HU array -> model grid (model voxel m sits at source index m * step).
 
-    Separable: along each axis, Gaussian anti-aliasing when shrinking (sigma = (step - 1) / 2,
-    as skimage's rescale) and linear sampling, done together as one matrix product per axis
-    (``_axis_resampling_matrix``) where it shrinks by more than 1.2.  The most-shrinking
-    axis goes first (the last array axis among equals, which needs no transposed copy), so
-    later products run on reduced arrays.
+    Separable: along each axis, Gaussian anti-aliasing when shrinking by more than 1.2
+    (``scipy.ndimage.gaussian_filter1d``, sigma = (step - 1) / 2 as skimage's rescale, mode
+    nearest, truncate 3), then linear sampling.  The most-shrinking axis goes first (the
+    last array axis among equals), so later axes run on reduced arrays.  Single-threaded
+    on purpose: the same filter written as one BLAS product per axis was 0.3 s slower in
+    the app on two cores, where the other graph branch holds the second core
+    (docs/benchmark.md).
     """
     out = np.asarray(canon, np.float32)
     for a in sorted(range(3), key=lambda a: (-step[a], -a)):
@@ -183,9 +151,8 @@ def to_model_grid(canon: np.ndarray, step: np.ndarray) -> np.ndarray:
         if st == 1.0 and n == out.shape[a]:
             continue
         if st > 1.2:
-            out = _resample_along(out, _axis_resampling_matrix(out.shape[a], st), a)
-        else:  # no anti-aliasing: two taps per sample, cheaper than a dense product
-            out = _interp_axis(out, a, np.arange(n) * st)
+            out = ndimage.gaussian_filter1d(out, (st - 1) / 2, axis=a, mode="nearest", truncate=3.0)
+        out = _interp_axis(out, a, np.arange(n) * st)
     return np.ascontiguousarray(out)
 
 

@@ -199,8 +199,8 @@ def test_merge_boxes():
 
 @pytest.mark.parametrize("step", [(1.0, 3.41, 3.41), (2.4, 1.1, 4.1), (0.8, 1.0, 1.0), (1.5, 1.25, 2.0)])
 def test_to_model_grid_is_gaussian_anti_aliasing_then_linear_sampling(step):
-    """The matrix form equals scipy's Gaussian filter (mode nearest, truncate 3) followed by
-    linear sampling at m * step, axis by axis, on a strided (flipped) view."""
+    """scipy's Gaussian filter (mode nearest, truncate 3) followed by linear sampling at
+    m * step, axis by axis, computed in float64 here, on a strided (flipped) view."""
     arr = (np.random.default_rng(5).normal(size=(30, 61, 47)) * 400).astype(np.float32)
     view = arr[::-1, :, ::-1]
     ref = view.astype(np.float64)
