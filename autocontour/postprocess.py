@@ -18,7 +18,6 @@ from dataclasses import dataclass, field
 
 import numpy as np
 from scipy import ndimage
-from scipy.spatial import cKDTree
 
 from autocontour.external import check_external, external_mask, fill_holes_per_slice
 from autocontour.structures import EXTERNAL, STRUCTURES, Laterality, StructureDefinition, structure
@@ -100,6 +99,10 @@ def _gap_mm(labels: np.ndarray, main: int, other: int, spacing_mm: np.ndarray, l
     near = np.argwhere(labels[lo[0] : hi[0], lo[1] : hi[1], lo[2] : hi[2]] == main) + lo
     if near.size == 0:
         return float("inf")
+    # imported here, not at start-up: scipy.spatial costs ~0.2 s of the app's serial start, and
+    # its first use is in a graph branch that runs beside the other model's inference
+    from scipy.spatial import cKDTree
+
     dist, _ = cKDTree(near * spacing_mm).query(idx * spacing_mm, k=1)
     gap = float(dist.min())
     return gap if gap <= limit_mm else float("inf")
