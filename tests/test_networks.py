@@ -236,3 +236,25 @@ def test_a_widened_stage_warm_starts_from_the_released_model_and_exports_its_wid
     meta = yaml.safe_load((out / "model.yaml").read_text())
     assert meta["network"]["channels"] == list(widths)
     assert meta["network"]["parameters"] == sum(p.numel() for p in net.parameters())
+
+
+def test_widening_noise_perturbs_only_the_new_channels():
+    from training.networks import widen
+
+    torch.manual_seed(6)
+    narrow = build_network("unet", 1, 8, WIDTHS).eval()
+    wide_widths = (8, 16, 48, 96, 192)
+    exact = widen(narrow.state_dict(), build_network("unet", 1, 8, wide_widths), torch.Generator().manual_seed(7))
+    noisy = widen(narrow.state_dict(), build_network("unet", 1, 8, wide_widths), torch.Generator().manual_seed(7),
+                  noise=0.3)
+    key = "model.1.submodule.1.submodule.0.conv.unit0.conv.weight"  # produces level 2 (32 -> 48)
+    def copies(w):  # new channels whose incoming weights equal an old channel's
+        return sum(any(torch.equal(w[j], w[k]) for k in range(32)) for j in range(32, 48))
+
+    assert copies(exact[key]) == 16 and copies(noisy[key]) == 0
+    net = build_network("unet", 1, 8, wide_widths).eval()
+    net.load_state_dict(noisy)
+    x = torch.rand(1, 1, *PATCH)
+    with torch.no_grad():
+        diff = (net(x) - narrow(x)).abs().max()
+    assert 0 < diff < narrow(x).abs().max()  # close to the old function, no longer equal

@@ -153,7 +153,9 @@ def unet_channels(state: dict[str, torch.Tensor]) -> tuple[int, ...]:
     return () if bottom is None else (*widths, bottom.shape[0])
 
 
-def widen(src: dict[str, torch.Tensor], net: torch.nn.Module, generator: torch.Generator) -> dict[str, torch.Tensor]:
+def widen(
+    src: dict[str, torch.Tensor], net: torch.nn.Module, generator: torch.Generator, noise: float = 0.0
+) -> dict[str, torch.Tensor]:
     """``net``'s state dict holding the narrower MONAI ``UNet`` weights ``src``, widened so that
     ``net`` computes exactly the same function (Net2Net's function-preserving widening, Chen
     et al. 2016).
@@ -163,7 +165,9 @@ def widen(src: dict[str, torch.Tensor], net: torch.nn.Module, generator: torch.G
     copies by random fractions that sum to one, so the sums (and the instance norms and
     shared PReLUs after them) are unchanged.  The unequal fractions give the copies
     different gradients, so they drift apart in training and the extra channels become
-    capacity.  Spaces of unchanged width are copied as they are.
+    capacity.  Spaces of unchanged width are copied as they are.  ``noise`` > 0 adds Gaussian
+    noise of that fraction of each tensor's standard deviation to the new channels' incoming
+    weights, to break the symmetry harder (the start is then only close to the old function).
     """
     if not isinstance(net, UNet):
         raise ValueError(f"can only widen a MONAI UNet, not {type(net).__name__}")
@@ -193,7 +197,12 @@ def widen(src: dict[str, torch.Tensor], net: torch.nn.Module, generator: torch.G
         index = torch.cat([maps[s] + sum(old[t] for t in reads[:n]) for n, s in enumerate(reads)])
         scale = torch.cat([fractions(s) for s in reads])
         w = w.index_select(in_dim, index) * scale.reshape([-1 if d == in_dim else 1 for d in range(w.ndim)])
-        out[f"{key}.weight"] = w.index_select(out_dim, maps[space])
+        w = w.index_select(out_dim, maps[space])
+        if noise > 0 and new[space] > old[space]:
+            fresh = [slice(None)] * w.ndim
+            fresh[out_dim] = slice(old[space], None)
+            w[tuple(fresh)] += noise * float(w.std()) * torch.randn(w[tuple(fresh)].shape, generator=generator)
+        out[f"{key}.weight"] = w
         out[f"{key}.bias"] = src[f"{key}.bias"].float().index_select(0, maps[space])
     for k, v in src.items():  # the PReLUs' shared slopes
         if k not in {f"{key}.{p}" for key, *_ in layers for p in ("weight", "bias")}:

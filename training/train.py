@@ -232,7 +232,7 @@ def holdout_dice(
     return [float(np.mean(s)) if s else float("nan") for s in scores]
 
 
-def init_from_torchscript(net: torch.nn.Module, path: Path, seed: int = 0) -> None:
+def init_from_torchscript(net: torch.nn.Module, path: Path, seed: int = 0, widen_noise: float = 0.0) -> None:
     """Warm start from a released model's TorchScript file or a committed ``.pt`` checkpoint
     (same architecture).
 
@@ -241,7 +241,8 @@ def init_from_torchscript(net: torch.nn.Module, path: Path, seed: int = 0) -> No
     channels than the network's (a CT-only model seeding one with context channels) gets
     zero weights for the extra channels: the new network starts as the old one.  A network
     with wider levels than the source (``--channels``) gets the source's weights widened so
-    that it starts as the same function (``networks.widen``, its random choices from ``seed``).
+    that it starts as the same function (``networks.widen``, its random choices from ``seed``;
+    ``widen_noise`` > 0 perturbs the new channels, so it starts only close to it).
     """
     if Path(path).suffix == ".pt":  # a committed checkpoint (training/checkpoints/<task>/best.pt)
         src = torch.load(path, weights_only=False, map_location="cpu")["model"]
@@ -250,7 +251,7 @@ def init_from_torchscript(net: torch.nn.Module, path: Path, seed: int = 0) -> No
         src = torch.jit.load(str(path), map_location="cpu").state_dict()
     widths = networks.unet_channels(src)
     if isinstance(net, networks.UNet) and len(widths) == len(net.channels) and widths != tuple(net.channels):
-        src = networks.widen(src, net, torch.Generator().manual_seed(seed))
+        src = networks.widen(src, net, torch.Generator().manual_seed(seed), widen_noise)
     dst = net.state_dict()
     missing = [k for k in dst if k not in src and not k.startswith(networks.HEADS_PREFIX)]  # new heads start fresh
     if missing:
@@ -325,7 +326,7 @@ def _repo_relative(path: Path) -> str:
 # What a stage of training is: stored in its checkpoint, so that resuming (make train, a new
 # machine, a GPU) continues the same schedule without repeating the options.
 STAGE_KEYS = ("iterations", "batch", "lr", "warmup", "seed", "recall_weight", "init", "augment", "context_model",
-              "network", "channels")
+              "network", "channels", "widen_noise")
 
 
 def main() -> None:
@@ -353,6 +354,9 @@ def main() -> None:
     ap.add_argument("--channels", type=int, nargs="+", metavar="C",
                     help="new stage: one width per level (default the task's); wider than --init's model, "
                          "its weights are widened to start as the same function (training/networks.py widen)")
+    ap.add_argument("--widen-noise", type=float, default=0.0, metavar="F",
+                    help="new stage widened from --init: Gaussian noise of F x each tensor's std on the new "
+                         "channels' incoming weights (default 0: exactly the old function)")
     ap.add_argument("--checkpoints", type=Path, default=ROOT / "training/checkpoints",
                     help="where the committed, resumable stage lives (<task>/state.pt, best.pt, history.json)")
     ap.add_argument("--new-stage", action="store_true", help="start a new stage even if a checkpoint exists")
@@ -395,7 +399,7 @@ def main() -> None:
     else:
         net = build_network(task, stage["network"], stage["channels"]).to(device)
         if args.init:
-            init_from_torchscript(net, args.init, stage["seed"])
+            init_from_torchscript(net, args.init, stage["seed"], stage["widen_noise"])
             logger.info("new stage from %s: %s", args.init, stage)
         else:
             logger.info("new stage from scratch: %s", stage)
