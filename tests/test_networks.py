@@ -170,6 +170,14 @@ def test_the_model_yaml_says_when_the_weights_were_also_trained_on_validation():
     assert "never used in training" not in text
 
 
+LEVEL2 = "model.1.submodule.1.submodule.0.conv.unit0.conv.weight"  # the convolution producing level 2's features
+
+
+def _copied_from(w, n_old: int) -> dict[int, list[int]]:
+    """For each new output channel of ``w``, the old channels whose incoming weights it equals."""
+    return {j: [k for k in range(n_old) if torch.equal(w[j], w[k])] for j in range(n_old, w.shape[0])}
+
+
 def test_a_widened_unet_starts_as_the_narrow_one_and_its_copies_then_learn_apart():
     from training.networks import unet_channels, widen
 
@@ -189,12 +197,10 @@ def test_a_widened_unet_starts_as_the_narrow_one_and_its_copies_then_learn_apart
         assert torch.allclose(wide.eval()(x), before, atol=1e-5)  # the same function
 
     # the copies of one old channel do not stay copies: their gradients differ
-    key = "model.1.submodule.1.submodule.0.conv.unit0.conv.weight"  # produces level 2 (32 -> 48)
     wide.train()
     wide(x).square().mean().backward()
-    grad = dict(wide.named_parameters())[key].grad
-    w = wide.state_dict()[key]
-    copied = {j: [k for k in range(32) if torch.equal(w[j], w[k])] for j in range(32, 48)}
+    grad = dict(wide.named_parameters())[LEVEL2].grad
+    copied = _copied_from(wide.state_dict()[LEVEL2], 32)  # level 2: 32 -> 48
     assert all(len(k) == 1 for k in copied.values())  # each new channel copies one old channel
     j, src = 32, copied[32][0]
     assert not torch.allclose(grad[j], grad[src])
@@ -247,11 +253,8 @@ def test_widening_noise_perturbs_only_the_new_channels():
     exact = widen(narrow.state_dict(), build_network("unet", 1, 8, wide_widths), torch.Generator().manual_seed(7))
     noisy = widen(narrow.state_dict(), build_network("unet", 1, 8, wide_widths), torch.Generator().manual_seed(7),
                   noise=0.3)
-    key = "model.1.submodule.1.submodule.0.conv.unit0.conv.weight"  # produces level 2 (32 -> 48)
-    def copies(w):  # new channels whose incoming weights equal an old channel's
-        return sum(any(torch.equal(w[j], w[k]) for k in range(32)) for j in range(32, 48))
-
-    assert copies(exact[key]) == 16 and copies(noisy[key]) == 0
+    assert all(len(k) == 1 for k in _copied_from(exact[LEVEL2], 32).values())  # level 2: 32 -> 48
+    assert not any(_copied_from(noisy[LEVEL2], 32).values())  # no new channel is an exact copy any more
     net = build_network("unet", 1, 8, wide_widths).eval()
     net.load_state_dict(noisy)
     x = torch.rand(1, 1, *PATCH)

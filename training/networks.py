@@ -204,7 +204,8 @@ def widen(
             w[tuple(fresh)] += noise * float(w.std()) * torch.randn(w[tuple(fresh)].shape, generator=generator)
         out[f"{key}.weight"] = w
         out[f"{key}.bias"] = src[f"{key}.bias"].float().index_select(0, maps[space])
+    widened = {f"{key}.{p}" for key, *_ in layers for p in ("weight", "bias")}
     for k, v in src.items():  # the PReLUs' shared slopes
-        if k not in {f"{key}.{p}" for key, *_ in layers for p in ("weight", "bias")}:
+        if k not in widened:
             out[k] = v.float().clone()
     return out
