@@ -63,7 +63,7 @@ export: train-venv
 
 ## Dice of the exported ONNX models on the 33 OpenKBP validation patients
 evaluate: $(STAMP)
-	$(VPY) -m training.evaluate --write
+	$(VPY) -m training.evaluate --write --reference-qa
 
 ## our app vs the SDK's stock operators on the benchmark CT (docs/benchmark.md); e.g. BENCH_ARGS="--runs 5"
 ## our app runs in .venv (no torch); the stock SDK chain needs torch + MONAI core: .venv-train

@@ -29,7 +29,7 @@ from autocontour.model_config import load_model_config
 from autocontour.postprocess import postprocess
 from autocontour.segmenter import open_segmenters
 from autocontour.volume import Volume
-from training import metrics
+from training import metrics, reference_qa
 from training.data import Case, load_openkbp
 from training.tasks import reference_mask
 
@@ -190,6 +190,9 @@ def main() -> None:
     tta.add_argument("--no-mirror", dest="mirror", action="store_false", help="force it off (ablation)")
     ap.add_argument("--postprocess", action="store_true",
                     help="score after the app's post-processing (what the clinician receives), not the raw output")
+    ap.add_argument("--reference-qa", type=Path, metavar="JSON", nargs="?", const=reference_qa.DEFAULT_JSON,
+                    help="also report the figures without the references flagged by training.reference_qa "
+                         f"(default file: {reference_qa.DEFAULT_JSON.relative_to(ROOT)}); the headline stays over all")
     ap.add_argument("--ensemble-with", type=Path, nargs="+", default=[], metavar="DIR",
                     help="average each model with DIR/<name> (an exported candidate): the ensemble's Dice")
     out = ap.add_mutually_exclusive_group()
@@ -212,6 +215,10 @@ def main() -> None:
             controls[name] = recipe_control(meta, _meta(args.write_recipe_for, name), args.data)
     result = evaluate(args.models_dir, args.models, args.data, args.limit, mirror=args.mirror,
                       postprocessed=args.postprocess, ensemble_with=args.ensemble_with, last=args.last)
+    if args.reference_qa:
+        flags = reference_qa.load_flags(args.reference_qa, reference_qa.split_of(args.data))
+        for r in result.values():
+            r[reference_qa.WITHOUT_FLAGGED] = reference_qa.without_flagged(r, flags)
     if args.json:
         args.json.write_text(json.dumps(result, indent=1))
     print(json.dumps({n: without_per_patient(r) for n, r in result.items()}, indent=1))  # noqa: T201 - a report
@@ -220,7 +227,8 @@ def main() -> None:
         command = ("python -m training.evaluate --models-dir CONTROL --write-recipe-for DIR" if args.write_recipe_for
                    else "python -m training.evaluate --write")
         command += ({None: "", True: " --mirror", False: " --no-mirror"}[args.mirror]
-                    + (" --postprocess" if args.postprocess else ""))
+                    + (" --postprocess" if args.postprocess else "")
+                    + (" --reference-qa" if args.reference_qa else ""))
         for name in args.models:
             p = target / name / "model.yaml"
             meta = yaml.safe_load(p.read_text())

@@ -13,6 +13,8 @@ from pathlib import Path
 
 import yaml
 
+from training.reference_qa import WITHOUT_FLAGGED
+
 ROOT = Path(__file__).resolve().parent.parent
 
 FLOORS = {
@@ -91,6 +93,20 @@ def render(meta: dict) -> str:
             f"Headline mean over structures: **{v['headline_dice_mean']:.3f}** (lowest: "
             f"{v['headline_dice_min_structure']}). Target set by the project: {FLOORS.get(meta['name'], '-')}.",
             "",
+        ]
+        clean = v.get(WITHOUT_FLAGGED)
+        if clean:
+            left_out = "; ".join(f"{s} {', '.join(p)}" for s, p in clean["excluded"].items()) or "none"
+            lines += [
+                "Beside it, not instead of it: the same scores without the references that cannot be scored "
+                "(`python -m training.reference_qa`: a contour 4 times larger or smaller in cross-section than "
+                "the organ's train median, or a CT with air where an organ's contour lies; a picture of each in "
+                "`training/results/reference-qa/`): mean **" + f"{clean['headline_dice_mean']:.3f}** ("
+                + ", ".join(f"{s} {d:.3f}" for s, d in clean["headline_dice_per_structure"].items())
+                + f"); left out: {left_out}.",
+                "",
+            ]
+        lines += [
             f"CPU time per patient (OpenKBP 128^3 grid, ONNX Runtime, 2 cores): {v.get('seconds_per_patient')} s.",
         ]
     else:
