@@ -1,26 +1,60 @@
 #!/usr/bin/env bash
 # One short training run on a lent CUDA GPU machine (the `device` tool), at most ~9 minutes.
 #
-# Prepare here (once per session), from the repository root:
-#     bash training/gpu/run.sh prepare
-# then call the device tool with
-#     command: bash training/gpu/run.sh remote TASK MINUTES [TRAIN ARGS...]     (e.g. hn_oar 7)
-#     carry:   [".gpu"]         timeout_s: 600
-# TRAIN ARGS go to training.train as they are, e.g. a new deep-supervised stage:
-#     bash training/gpu/run.sh remote hn_oar 7 --new-stage --network unet-ds --lr 3e-4 --iterations 6000
-# and copy the returned state.pt / best.pt / history.json into training/checkpoints/TASK/.
-# The stage in training/checkpoints/TASK/state.pt (committed) is resumed there exactly as
-# `make train` resumes it here: same settings, same patch stream; only the device differs.
+# The device tool sends the whole working tree, tracked files included, and refuses more
+# than 64 MiB.  This repository's tracked files are 81.5 MiB (models 38 MiB, committed
+# checkpoints 37 MiB) before the 45 MiB of training data, so a run takes the files it does
+# not need out of git's index for the call and puts them back afterwards:
+#
+#     bash training/gpu/run.sh prepare hn_oar    # data + MONAI wheel in .gpu/, the tree slimmed
+#                                               # to what a new hn_oar stage from models/hn_oar/model.ts
+#                                               # reads (57 MiB in all for hn_oar); refuses (exit 3) if still over
+#     device run:  command: bash training/gpu/run.sh remote hn_oar 7 --new-stage [TRAIN ARGS...]
+#                  carry:   [".gpu"]         timeout_s: 600
+#     bash training/gpu/run.sh restore           # the files back in the index: DO THIS BEFORE ANY COMMIT
+#     bash training/gpu/run.sh fetch FILES_AT hn_oar   # the returned checkpoint into training/checkpoints/hn_oar
+#
+# The files stay on disk throughout; only the index changes.  TRAIN ARGS go to
+# training.train as they are, e.g. a widened deep-supervised stage:
+#     bash training/gpu/run.sh remote hn_oar 7 --new-stage --channels 16 32 96 192 384 --network unet-ds --lr 3e-4 --iterations 6000
+# Files over 15 MiB come back in parts (the tool returns at most 16 MiB a file); fetch joins them.
+# Resuming the committed stage (state.pt) on the device does not fit under the limit.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
+LIMIT=$((64 * 1024 * 1024))   # the device tool's working-tree limit (tracked + untracked + carried)
+SELF=training/gpu/run.sh
+PART=15M                      # returned files: at most 16 MiB each, 8 in all
 case "${1:-}" in
+prepare|restore)
+    EXCLUDE=$(git rev-parse --git-path info/exclude)   # here only (also in a git worktree)
+    mkdir -p "$(dirname "$EXCLUDE")"
+    ;;&
 prepare)
-    grep -qx '/.gpu/' .git/info/exclude || echo '/.gpu/' >> .git/info/exclude
+    task=${2:?task (the tree is slimmed to what a new stage of it reads)}
+    [[ -f "models/$task/model.ts" ]] || { echo "no models/$task/model.ts" >&2; exit 2; }
+    [[ ! -f .gpu/slim.txt ]] || { echo "a slimmed tree is still out: bash $SELF restore first" >&2; exit 2; }
+    grep -qx '/.gpu/' "$EXCLUDE" 2>/dev/null || echo '/.gpu/' >> "$EXCLUDE"
     rm -rf .gpu && mkdir -p .gpu/whl
     cp -r ../shared/data/openkbp/train .gpu/openkbp-train          # 46 MB of npz
     # MONAI is not on the GPU image (torch is); it is pure Python
     python3 -m pip download -q --no-deps --only-binary=:all: -d .gpu/whl monai==1.6.1
-    du -sh .gpu
+    # out of the index for the call (and ignored, so they do not travel as untracked files):
+    # every ONNX model, every other model's weights, the committed checkpoints, the sample CT
+    git ls-files -- 'models/*/model.onnx' 'models/*/model.ts' 'training/checkpoints/*/*.pt' sample \
+        | grep -vx "models/$task/model.ts" > .gpu/slim.txt
+    xargs -a .gpu/slim.txt git rm -q --cached --
+    sed 's|^|/|' .gpu/slim.txt >> "$EXCLUDE"
+    echo "WARNING: $(wc -l < .gpu/slim.txt) files are out of git's index until 'bash $SELF restore': commit nothing before it"
+    tree=$({ git ls-files -z; git ls-files -z --others --exclude-standard; } \
+           | xargs -0 stat -c %s 2>/dev/null | awk '{s += $1} END {print s + 0}')
+    carried=$(du -sb .gpu | cut -f1)
+    echo "the device tool would send $((tree / 1048576)) MiB of working tree + $((carried / 1048576)) MiB of .gpu" \
+         "= $(((tree + carried) / 1048576)) MiB (limit $((LIMIT / 1048576)) MiB)"
+    if (( tree + carried > LIMIT )); then
+        echo "over the limit: the call would be refused before the machine starts (restoring the index)" >&2
+        bash "$SELF" restore
+        exit 3
+    fi
     ;;
 remote)
     task=${2:?task}; minutes=${3:-7}; shift $(( $# < 3 ? $# : 3 ))
@@ -29,8 +63,29 @@ remote)
     nvidia-smi --query-gpu=name,memory.total --format=csv,noheader || true
     python3 -m training.train --task "$task" --data .gpu/openkbp-train --threads 16 \
         --max-minutes "$minutes" --init "models/$task/model.ts" "$@" 2>&1 | grep -v Warning | tail -n 40
-    cp "training/checkpoints/$task/"{state.pt,best.pt,history.json} "$OUT/"
+    for f in state.pt best.pt history.json; do
+        split -b "$PART" -d "training/checkpoints/$task/$f" "$OUT/$f.part-"
+    done
+    ls -l "$OUT"
+    ;;
+restore)
+    [[ -f .gpu/slim.txt ]] || { echo "nothing to restore"; exit 0; }
+    xargs -a .gpu/slim.txt git reset -q --       # the index entries as HEAD has them
+    grep -vxF -f <(sed 's|^|/|' .gpu/slim.txt) "$EXCLUDE" > "$EXCLUDE.tmp" || true
+    mv "$EXCLUDE.tmp" "$EXCLUDE"
+    rm .gpu/slim.txt
+    git status --short
+    ;;
+fetch)
+    from=${2:?the folder the device tool returned the files in}; task=${3:?task}
+    for f in state.pt best.pt history.json; do
+        ls "$from/$f.part-"* > /dev/null   # every file must have come back
+    done
+    for f in state.pt best.pt history.json; do
+        cat "$from/$f.part-"* > "training/checkpoints/$task/$f"
+    done
+    ls -l "training/checkpoints/$task"
     ;;
 *)
-    echo "usage: $0 prepare | remote TASK MINUTES [TRAIN ARGS...]" >&2; exit 2;;
+    echo "usage: $SELF prepare TASK | remote TASK MINUTES [TRAIN ARGS...] | restore | fetch FILES_AT TASK" >&2; exit 2;;
 esac
