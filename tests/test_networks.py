@@ -261,3 +261,42 @@ def test_widening_noise_perturbs_only_the_new_channels():
     with torch.no_grad():
         diff = (net(x) - narrow(x)).abs().max()
     assert 0 < diff < narrow(x).abs().max()  # close to the old function, no longer equal
+
+
+def _synthetic_case(name: str, seed: int):
+    """A small patient at the model grid: soft tissue with a brainstem-like and a cord-like block."""
+    from training.data import OPENKBP_ROIS, Case
+
+    rng = np.random.default_rng(seed)
+    shape = (48, 64, 64)
+    ct = (40 + 20 * rng.standard_normal(shape)).astype(np.int16)
+    masks = np.zeros((len(OPENKBP_ROIS), *shape), bool)
+    masks[OPENKBP_ROIS.index("Brainstem"), 30:40, 28:36, 28:36] = True
+    masks[OPENKBP_ROIS.index("SpinalCord"), 5:30, 36:40, 30:34] = True
+    ct[masks[OPENKBP_ROIS.index("Brainstem")]] += 60
+    present = np.array([n in ("Brainstem", "SpinalCord") for n in OPENKBP_ROIS])
+    return Case(name, ct, masks, present, (3.0, 4.0, 4.0))
+
+
+def test_a_stage_resumes_from_its_committed_state_without_the_optimizer_moments(tmp_path, monkeypatch):
+    """``state.pt`` holds the weights, iteration, stage and curve, not AdamW's moments (two thirds
+    of its size); running the command again continues the stage from there."""
+    from training import train
+
+    cases = [_synthetic_case(f"pt_{i}", i) for i in range(3)]
+    monkeypatch.setattr(train, "cached_cases", lambda *a, **k: list(cases))
+    common = ["train", "--task", "hn_oar", "--data", str(tmp_path), "--checkpoints", str(tmp_path / "ck"),
+              "--holdout", "1", "--ckpt-every", "1"]
+    monkeypatch.setattr("sys.argv", common + ["--iterations", "3", "--stop-at", "2", "--warmup", "1", "--lr", "1e-4"])
+    train.main()
+    state_path = tmp_path / "ck/hn_oar/state.pt"
+    first = torch.load(state_path, weights_only=False)
+    assert first["iteration"] == 2 and "opt" not in first
+    assert set(first) == {"model", "iteration", "best", "history", "stage"}
+    monkeypatch.setattr("sys.argv", common)  # the stage's own settings, whatever is given
+    train.main()
+    resumed = torch.load(state_path, weights_only=False)
+    assert resumed["iteration"] == 3 and [h["iteration"] for h in resumed["history"]] == [1, 2, 3]
+    assert resumed["stage"] == first["stage"]
+    moved = [not torch.equal(first["model"][k], resumed["model"][k]) for k in first["model"]]
+    assert any(moved)  # the resumed iteration trained the weights it started from

@@ -2,13 +2,14 @@
 # One short training run on a lent CUDA GPU machine (the `device` tool), at most ~9 minutes.
 #
 # The device tool sends the whole working tree, tracked files included, and refuses more
-# than 64 MiB.  This repository's tracked files are 81.5 MiB (models 38 MiB, committed
-# checkpoints 37 MiB) before the 45 MiB of training data, so a run takes the files it does
+# than 64 MiB.  This repository's tracked files are 62 MiB (models 38 MiB, committed
+# checkpoints 19 MiB) before the 45 MiB of training data, so a run takes the files it does
 # not need out of git's index for the call and puts them back afterwards:
 #
 #     bash training/gpu/run.sh prepare hn_oar    # data + MONAI wheel in .gpu/, the tree slimmed
-#                                               # to what a new hn_oar stage from models/hn_oar/model.ts
-#                                               # reads (57 MiB in all for hn_oar); refuses (exit 3) if still over
+#                                               # to what an hn_oar stage reads: models/hn_oar/model.ts
+#                                               # and its committed state.pt (62 MiB in all for hn_oar);
+#                                               # refuses (exit 3) if still over
 #     device run:  command: bash training/gpu/run.sh remote hn_oar 7 --new-stage [TRAIN ARGS...]
 #                  carry:   [".gpu"]         timeout_s: 600
 #     bash training/gpu/run.sh restore           # the files back in the index: DO THIS BEFORE ANY COMMIT
@@ -18,7 +19,7 @@
 # training.train as they are, e.g. a widened deep-supervised stage:
 #     bash training/gpu/run.sh remote hn_oar 7 --new-stage --channels 16 32 96 192 384 --network unet-ds --lr 3e-4 --iterations 6000
 # Files over 15 MiB come back in parts (the tool returns at most 16 MiB a file); fetch joins them.
-# Resuming the committed stage (state.pt) on the device does not fit under the limit.
+# Without --new-stage the committed stage resumes there (extend a finished one with --reschedule N).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 LIMIT=$((64 * 1024 * 1024))   # the device tool's working-tree limit (tracked + untracked + carried)
@@ -39,9 +40,9 @@ prepare)
     # MONAI is not on the GPU image (torch is); it is pure Python
     python3 -m pip download -q --no-deps --only-binary=:all: -d .gpu/whl monai==1.6.1
     # out of the index for the call (and ignored, so they do not travel as untracked files):
-    # every ONNX model, every other model's weights, the committed checkpoints, the sample CT
+    # every ONNX model, the other models' weights and checkpoints, best.pt, the sample CT
     git ls-files -- 'models/*/model.onnx' 'models/*/model.ts' 'training/checkpoints/*/*.pt' sample \
-        | grep -vx "models/$task/model.ts" > .gpu/slim.txt
+        | grep -vx -e "models/$task/model.ts" -e "training/checkpoints/$task/state.pt" > .gpu/slim.txt
     xargs -a .gpu/slim.txt git rm -q --cached --
     sed 's|^|/|' .gpu/slim.txt >> "$EXCLUDE"
     echo "WARNING: $(wc -l < .gpu/slim.txt) files are out of git's index until 'bash $SELF restore': commit nothing before it"
