@@ -64,8 +64,9 @@ remote)
     nvidia-smi --query-gpu=name,memory.total --format=csv,noheader || true
     python3 -m training.train --task "$task" --data .gpu/openkbp-train --threads 16 \
         --max-minutes "$minutes" --init "models/$task/model.ts" "$@" 2>&1 | grep -v Warning | tail -n 40
+    # best.pt only when this run found a better checkpoint (a resumed stage may not)
     for f in state.pt best.pt history.json; do
-        split -b "$PART" -d "training/checkpoints/$task/$f" "$OUT/$f.part-"
+        [[ ! -f "training/checkpoints/$task/$f" ]] || split -b "$PART" -d "training/checkpoints/$task/$f" "$OUT/$f.part-"
     done
     ls -l "$OUT"
     ;;
@@ -79,11 +80,11 @@ restore)
     ;;
 fetch)
     from=${2:?the folder the device tool returned the files in}; task=${3:?task}
-    for f in state.pt best.pt history.json; do
-        ls "$from/$f.part-"* > /dev/null   # every file must have come back
+    for f in state.pt history.json; do
+        ls "$from/$f.part-"* > /dev/null   # these must have come back
     done
-    for f in state.pt best.pt history.json; do
-        cat "$from/$f.part-"* > "training/checkpoints/$task/$f"
+    for f in state.pt best.pt history.json; do   # no best.pt: the run found no better checkpoint
+        if compgen -G "$from/$f.part-*" > /dev/null; then cat "$from/$f.part-"* > "training/checkpoints/$task/$f"; fi
     done
     ls -l "training/checkpoints/$task"
     ;;
