@@ -61,9 +61,12 @@ export: train-venv
 	$(TPY) -m training.export --task hn_oar --version $(EXPORT_VERSION)
 	$(TPY) -m training.export --task hn_target --version $(EXPORT_VERSION)
 
-## Dice of the exported ONNX models on the 33 OpenKBP validation patients
+## Dice of the exported ONNX models on the 33 OpenKBP validation patients, stored in each
+## model.yaml as its card shows it (hn_oar after the app's post-processing, hn_target raw),
+## with the figures without unscorable references beside them (training/reference_qa.py)
 evaluate: $(STAMP)
-	$(VPY) -m training.evaluate --write --reference-qa
+	$(VPY) -m training.evaluate --models hn_oar --write --no-mirror --postprocess --reference-qa
+	$(VPY) -m training.evaluate --models hn_target --write --reference-qa
 
 ## our app vs the SDK's stock operators on the benchmark CT (docs/benchmark.md); e.g. BENCH_ARGS="--runs 5"
 ## our app runs in .venv (no torch); the stock SDK chain needs torch + MONAI core: .venv-train

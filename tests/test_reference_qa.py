@@ -142,3 +142,8 @@ def test_the_committed_flags_are_what_the_rules_give():
     assert stored["rules"] == {"area_factor": qa.AREA_FACTOR, "air_hu": qa.AIR_HU,
                                "air_fraction": qa.AIR_FRACTION, "air_free": list(qa.AIR_FREE)}
     assert set(stored["flagged"]["validation"]) == {"pt_206", "pt_215", "pt_216", "pt_221"}
+
+
+def test_a_missing_flags_file_says_how_to_write_it(tmp_path):
+    with pytest.raises(SystemExit, match="python -m training.reference_qa"):
+        qa.load_flags(tmp_path / "none.json", "validation")

@@ -135,6 +135,8 @@ def without_flagged(result: dict, flagged: dict[str, dict[str, str]]) -> dict:
 
 def load_flags(path: Path, split: str) -> dict[str, dict[str, str]]:
     """The flagged references of one split (``train`` / ``validation``) from the JSON this writes."""
+    if not Path(path).is_file():
+        raise SystemExit(f"{path}: no reference flags - write them with python -m training.reference_qa")
     return json.loads(Path(path).read_text())["flagged"].get(split, {})
 
 
