@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 
 from autocontour.volume import Volume
 from training.grid_ceiling import ceiling_masks
@@ -34,3 +35,17 @@ def test_on_its_own_grid_a_perfect_model_is_exact_and_a_coarser_grid_loses_thin_
         coarse = ceiling_masks(refs, vol, (4.0, 8.0, 8.0), kind)
         assert _dice(coarse["Ball"], ball) > 0.8, kind  # a 12 mm ball survives an 8 mm grid, roughly
         assert _dice(coarse["Sheet"], sheet) < 0.5, kind  # a 2 mm sheet does not
+
+
+def test_one_voxel_in_plane_costs_a_four_voxel_square_a_quarter_of_its_dice():
+    from training.grid_ceiling import one_voxel_shift_dice
+
+    ref = np.zeros((10, 20, 20), bool)
+    ref[2:8, 8:12, 8:12] = True  # a 4 x 4 column: moved by one, 12 of 16 voxels still overlap
+    assert one_voxel_shift_dice(ref, partial=False) == 0.75
+    edge = np.zeros((10, 20, 20), bool)
+    edge[2:8, 0:4, 8:12] = True  # at the border, the row moved off the grid is lost:
+    # towards it 12 moved voxels all overlap (24 / 28), the three other ways 0.75
+    assert one_voxel_shift_dice(edge, partial=False) == pytest.approx((3 * 0.75 + 24 / 28) / 4)
+    # partial-length: scored on the reference's slices only, so the same figure
+    assert one_voxel_shift_dice(ref, partial=True) == 0.75
