@@ -147,3 +147,8 @@ def test_the_committed_flags_are_what_the_rules_give():
 def test_a_missing_flags_file_says_how_to_write_it(tmp_path):
     with pytest.raises(SystemExit, match="python -m training.reference_qa"):
         qa.load_flags(tmp_path / "none.json", "validation")
+
+
+def test_when_every_reference_is_flagged_nothing_is_left_to_score():
+    out = qa.without_flagged({"per_patient_headline_dice": {"pt_1": {"Larynx": 0.7}}}, {"pt_1": {"Larynx": "x"}})
+    assert out["headline_dice_mean"] is None and out["excluded"] == {"Larynx": ["pt_1"]}

@@ -95,7 +95,7 @@ def render(meta: dict) -> str:
             "",
         ]
         clean = v.get(WITHOUT_FLAGGED)
-        if clean:
+        if clean and clean.get("headline_dice_mean") is not None:
             left_out = "; ".join(f"{s} {', '.join(p)}" for s, p in clean["excluded"].items()) or "none"
             lines += [
                 "Beside it, not instead of it: the same scores without the references that cannot be scored "
