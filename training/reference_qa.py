@@ -34,7 +34,7 @@ from pathlib import Path
 import numpy as np
 
 from training.data import Case, load_openkbp
-from training.tasks import TASKS, reference_mask
+from training.tasks import TASKS
 
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_JSON = ROOT / "training/results/reference-qa.json"
@@ -51,11 +51,8 @@ SCORED_TASKS = ("hn_oar", "hn_target")
 def references(case: Case) -> dict[str, np.ndarray]:
     """Every scored structure's reference for ``case`` (the rule training and evaluation use)."""
     out = {}
-    for task in SCORED_TASKS:
-        for name, rois in TASKS[task].outputs:
-            mask = reference_mask(rois, case)
-            if mask is not None:
-                out[name] = mask
+    for task in (TASKS[t] for t in SCORED_TASKS):
+        out.update((name, ref) for (name, _), ref in zip(task.outputs, task.references(case)) if ref is not None)
     return out
 
 
@@ -181,10 +178,11 @@ def main() -> None:
                          "(uses the flags already in --json)")
     args = ap.parse_args()
     if args.rescore:
+        flags = {split: load_flags(args.json, split) for split in ("train", "validation")}
         for result_path in args.rescore:
             for model, result in json.loads(result_path.read_text()).items():
-                flags = load_flags(args.json, split_of(Path(result["data"])))
-                print(json.dumps({str(result_path): {model: without_flagged(result, flags)}}, indent=1))  # noqa: T201
+                flags_here = flags.get(split_of(Path(result["data"])), {})
+                print(json.dumps({str(result_path): {model: without_flagged(result, flags_here)}}, indent=1))  # noqa: T201
         return
     train = sorted((args.data_root / "train").glob("*.npz"))
     medians = organ_medians(train)
