@@ -300,3 +300,22 @@ def test_a_stage_resumes_from_its_committed_state_without_the_optimizer_moments(
     assert resumed["stage"] == first["stage"]
     moved = [not torch.equal(first["model"][k], resumed["model"][k]) for k in first["model"]]
     assert any(moved)  # the resumed iteration trained the weights it started from
+
+
+def test_the_forward_pass_precision_follows_the_machine(tmp_path, monkeypatch):
+    from training import train
+
+    flags = tmp_path / "cpuinfo"
+    flags.write_text("processor\t: 0\nflags\t\t: fpu sse2 avx2 avx512f\nprocessor\t: 1\n")
+    assert not train.cpu_has_native_bf16(flags)  # AVX2 / AVX-512 without BF16: emulated, slower
+    flags.write_text("processor\t: 0\nflags\t\t: fpu avx2 avx512f avx512_bf16\n")
+    assert train.cpu_has_native_bf16(flags)
+    assert not train.cpu_has_native_bf16(tmp_path / "missing")  # unreadable: the safe fp32
+
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert train.training_precision(cuda) == "fp16"
+    assert train.training_precision(cpu, "fp32") == "fp32" and train.training_precision(cuda, "bf16") == "bf16"
+    monkeypatch.setattr(train, "cpu_has_native_bf16", lambda: True)
+    assert train.training_precision(cpu) == "bf16"
+    monkeypatch.setattr(train, "cpu_has_native_bf16", lambda: False)
+    assert train.training_precision(cpu) == "fp32"

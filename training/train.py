@@ -328,6 +328,29 @@ def _repo_relative(path: Path) -> str:
 
 # What a stage of training is: stored in its checkpoint, so that resuming (make train, a new
 # machine, a GPU) continues the same schedule without repeating the options.
+def cpu_has_native_bf16(cpuinfo: Path = Path("/proc/cpuinfo")) -> bool:
+    """Whether this CPU computes bfloat16 in hardware (AVX-512 BF16 or AMX), from its flags."""
+    try:
+        flags = next((line.split(":", 1)[1].split() for line in cpuinfo.read_text().splitlines()
+                      if line.startswith("flags")), [])
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def training_precision(device: torch.device, choice: str = "auto") -> str:
+    """The forward pass's precision: ``choice``, or for ``auto`` fp16 autocast on a CUDA GPU,
+    bf16 autocast on a CPU with native bfloat16, fp32 otherwise.  Measured (training/README.md):
+    on an AVX2-only AMD EPYC bf16 autocast is emulated and ran 13x *slower* than fp32; on a
+    Zen 5 EPYC with AVX-512 BF16 it ran 1.3-1.6x faster per iteration.  Weights, optimiser,
+    loss, held-out scoring and export stay fp32 whichever is chosen."""
+    if choice != "auto":
+        return choice
+    if device.type == "cuda":
+        return "fp16"
+    return "bf16" if cpu_has_native_bf16() else "fp32"
+
+
 STAGE_KEYS = ("iterations", "batch", "lr", "warmup", "seed", "recall_weight", "init", "augment", "context_model",
               "network", "channels", "widen_noise")
 
@@ -366,6 +389,9 @@ def main() -> None:
     ap.add_argument("--extra-data", type=Path, action="append", default=[], metavar="DIR",
                     help="new stage: another OpenKBP folder whose patients are all trained on, never held out "
                          "(the validation set, once validation has fixed the recipe; recorded in the stage)")
+    ap.add_argument("--precision", choices=("auto", "fp32", "bf16", "fp16"), default="auto",
+                    help="forward pass: auto = fp16 on a CUDA GPU, bf16 on a CPU with native bfloat16, else fp32 "
+                         "(a property of the machine, not of the stage: not recorded in it)")
     ap.add_argument("--reschedule", type=int, metavar="N",
                     help="resume with the stage's poly schedule ending at iteration N instead (recorded in the stage)")
     args = ap.parse_args()
@@ -443,9 +469,10 @@ def main() -> None:
         logger.info("the stage in %s is complete (%d iterations, best held-out %.3f): start the next one with "
                     "--new-stage --init %s [--lr ...] [--iterations ...], or extend it with --reschedule N",
                     state_path, it, best, run / "best.pt")
-    # fp16 autocast on a GPU; plain fp32 on a CPU: bf16 autocast ran 13x slower than fp32 on
-    # this project's CPU machines (AMD EPYC, AVX2 only: 32 s vs 2.4 s per batch-2 iteration)
-    autocast = torch.autocast("cuda", dtype=torch.float16) if device.type == "cuda" else contextlib.nullcontext()
+    precision = training_precision(device, args.precision)
+    logger.info("forward pass in %s on %s", precision, device.type)
+    autocast = (contextlib.nullcontext() if precision == "fp32"
+                else torch.autocast(device.type, dtype=torch.float16 if precision == "fp16" else torch.bfloat16))
     while it < stop:
         lr = stage["lr"] * min(1.0, (it + 1) / max(stage["warmup"], 1)) * (1 - it / total) ** 0.9
         for g in opt.param_groups:
@@ -457,6 +484,7 @@ def main() -> None:
         k = torch.from_numpy(np.stack([b[2] for b in batch])).to(device)
         with autocast:
             logits = net(x)
+        logits = logits.float()  # the loss in fp32 whatever the forward pass ran in
         loss = loss_fn(logits, y, k)
         opt.zero_grad(set_to_none=True)
         loss.backward()
