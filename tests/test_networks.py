@@ -319,3 +319,28 @@ def test_the_forward_pass_precision_follows_the_machine(tmp_path, monkeypatch):
     assert train.training_precision(cpu) == "bf16"
     monkeypatch.setattr(train, "cpu_has_native_bf16", lambda: False)
     assert train.training_precision(cpu) == "fp32"
+
+
+def test_a_new_stage_from_a_widened_release_keeps_its_widths_without_channels(tmp_path, monkeypatch):
+    """``--new-stage --init`` of a widened model (hn_oar 1.4.0) needs no ``--channels``: the stage
+    takes the source's widths, and starts as exactly its function."""
+    from training import train
+
+    task = TASKS["hn_oar"]
+    widths = (16, 32, 96, 192, 384)
+    torch.manual_seed(7)
+    wide = train.build_network(task, "unet", widths)
+    torch.save({"model": {k: v.half() for k, v in wide.state_dict().items()}, "stage": {"channels": list(widths)}},
+               tmp_path / "best.pt")
+    cases = [_synthetic_case(f"pt_{i}", i) for i in range(3)]
+    monkeypatch.setattr(train, "cached_cases", lambda *a, **k: list(cases))
+    monkeypatch.setattr("sys.argv", ["train", "--task", "hn_oar", "--data", str(tmp_path), "--new-stage",
+                                     "--init", str(tmp_path / "best.pt"), "--checkpoints", str(tmp_path / "ck"),
+                                     "--holdout", "1", "--iterations", "1", "--lr", "0"])
+    train.main()
+    state = torch.load(tmp_path / "ck/hn_oar/state.pt", weights_only=False)
+    assert state["stage"]["channels"] == list(widths)
+    assert train.checkpoint_channels(state, task) == widths
+    for k, v in wide.state_dict().items():  # lr 0: the source's weights, unchanged
+        if v.is_floating_point():
+            assert torch.equal(state["model"][k], v.half()), k

@@ -235,6 +235,14 @@ def holdout_dice(
     return [float(np.mean(s)) if s else float("nan") for s in scores]
 
 
+def init_weights(path: Path) -> dict[str, torch.Tensor]:
+    """The float32 weights of a released model's TorchScript file or a committed ``.pt`` checkpoint."""
+    if Path(path).suffix == ".pt":  # a committed checkpoint (training/checkpoints/<task>/best.pt)
+        src = torch.load(path, weights_only=False, map_location="cpu")["model"]
+        return {k: v.float() if v.is_floating_point() else v for k, v in src.items()}
+    return torch.jit.load(str(path), map_location="cpu").state_dict()
+
+
 def init_from_torchscript(net: torch.nn.Module, path: Path, seed: int = 0, widen_noise: float = 0.0) -> None:
     """Warm start from a released model's TorchScript file or a committed ``.pt`` checkpoint
     (same architecture).
@@ -247,11 +255,7 @@ def init_from_torchscript(net: torch.nn.Module, path: Path, seed: int = 0, widen
     that it starts as the same function (``networks.widen``, its random choices from ``seed``;
     ``widen_noise`` > 0 perturbs the new channels, so it starts only close to it).
     """
-    if Path(path).suffix == ".pt":  # a committed checkpoint (training/checkpoints/<task>/best.pt)
-        src = torch.load(path, weights_only=False, map_location="cpu")["model"]
-        src = {k: v.float() if v.is_floating_point() else v for k, v in src.items()}
-    else:
-        src = torch.jit.load(str(path), map_location="cpu").state_dict()
+    src = init_weights(path)
     widths = networks.unet_channels(src)
     if isinstance(net, networks.UNet) and len(widths) == len(net.channels) and widths != tuple(net.channels):
         src = networks.widen(src, net, torch.Generator().manual_seed(seed), widen_noise)
@@ -426,6 +430,9 @@ def main() -> None:
         logger.info("resumed %s at iteration %d of %d (best holdout %.3f), stage %s", state_path, it,
                     stage["iterations"], best, stage)
     else:
+        if args.init and stage["channels"] is None:  # the warm start's own widths, e.g. a widened release
+            widths = networks.unet_channels(init_weights(args.init))
+            stage["channels"] = list(widths) if widths and widths != tuple(task.channels) else None
         net = build_network(task, stage["network"], stage["channels"]).to(device)
         if args.init:
             init_from_torchscript(net, args.init, stage["seed"], stage["widen_noise"])

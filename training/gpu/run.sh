@@ -2,14 +2,15 @@
 # One short training run on a lent CUDA GPU machine (the `device` tool), at most ~9 minutes.
 #
 # The device tool sends the whole working tree, tracked files included, and refuses more
-# than 64 MiB.  This repository's tracked files are 62 MiB (models 38 MiB, committed
-# checkpoints 19 MiB) before the 45 MiB of training data, so a run takes the files it does
+# than 64 MiB.  This repository's tracked files are 95 MiB (models 62 MiB, committed
+# checkpoints 31 MiB) before the 45 MiB of training data, so a run takes the files it does
 # not need out of git's index for the call and puts them back afterwards:
 #
-#     bash training/gpu/run.sh prepare hn_oar    # data + MONAI wheel in .gpu/, the tree slimmed
-#                                               # to what an hn_oar stage reads: models/hn_oar/model.ts
-#                                               # and its committed state.pt (62 MiB in all for hn_oar);
+#     bash training/gpu/run.sh prepare hn_oar    # data + MONAI wheel in .gpu/, the tree slimmed to
+#                                               # what a new hn_oar stage reads: the committed best.pt
+#                                               # (the released weights in float16, half model.ts's size);
 #                                               # refuses (exit 3) if still over
+#     bash training/gpu/run.sh prepare hn_oar resume   # ... or the committed state.pt, to resume the stage
 #     device run:  command: bash training/gpu/run.sh remote hn_oar 7 --new-stage [TRAIN ARGS...]
 #                  carry:   [".gpu"]         timeout_s: 600
 #     bash training/gpu/run.sh restore           # the files back in the index: DO THIS BEFORE ANY COMMIT
@@ -19,7 +20,9 @@
 # training.train as they are, e.g. a widened deep-supervised stage:
 #     bash training/gpu/run.sh remote hn_oar 7 --new-stage --channels 16 32 96 192 384 --network unet-ds --lr 3e-4 --iterations 6000
 # Files over 15 MiB come back in parts (the tool returns at most 16 MiB a file); fetch joins them.
-# Without --new-stage the committed stage resumes there (extend a finished one with --reschedule N).
+# Without --new-stage the committed stage resumes there (prepare ... resume; extend a finished
+# one with --reschedule N).  A new stage starts from the committed best.pt, which is what
+# training.export exported into models/TASK (checked equal for both tasks on 2026-12-04).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 LIMIT=$((64 * 1024 * 1024))   # the device tool's working-tree limit (tracked + untracked + carried)
@@ -32,7 +35,8 @@ prepare|restore)
     ;;&
 prepare)
     task=${2:?task (the tree is slimmed to what a new stage of it reads)}
-    [[ -f "models/$task/model.ts" ]] || { echo "no models/$task/model.ts" >&2; exit 2; }
+    case "${3:-new}" in new) keep=best.pt;; resume) keep=state.pt;; *) echo "prepare TASK [new|resume]" >&2; exit 2;; esac
+    [[ -f "training/checkpoints/$task/$keep" ]] || { echo "no training/checkpoints/$task/$keep" >&2; exit 2; }
     [[ ! -f .gpu/slim.txt ]] || { echo "a slimmed tree is still out: bash $SELF restore first" >&2; exit 2; }
     grep -qx '/.gpu/' "$EXCLUDE" 2>/dev/null || echo '/.gpu/' >> "$EXCLUDE"
     rm -rf .gpu && mkdir -p .gpu/whl
@@ -40,9 +44,9 @@ prepare)
     # MONAI is not on the GPU image (torch is); it is pure Python
     python3 -m pip download -q --no-deps --only-binary=:all: -d .gpu/whl monai==1.6.1
     # out of the index for the call (and ignored, so they do not travel as untracked files):
-    # every ONNX model, the other models' weights and checkpoints, best.pt, the sample CT
+    # every model file, every checkpoint but the one the run starts from, the sample CT
     git ls-files -- 'models/*/model.onnx' 'models/*/model.ts' 'training/checkpoints/*/*.pt' sample \
-        | grep -vx -e "models/$task/model.ts" -e "training/checkpoints/$task/state.pt" > .gpu/slim.txt
+        | grep -vx -e "training/checkpoints/$task/$keep" > .gpu/slim.txt
     xargs -a .gpu/slim.txt git rm -q --cached --
     sed 's|^|/|' .gpu/slim.txt >> "$EXCLUDE"
     echo "WARNING: $(wc -l < .gpu/slim.txt) files are out of git's index until 'bash $SELF restore': commit nothing before it"
@@ -63,7 +67,7 @@ remote)
     export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1
     nvidia-smi --query-gpu=name,memory.total --format=csv,noheader || true
     python3 -m training.train --task "$task" --data .gpu/openkbp-train --threads 16 \
-        --max-minutes "$minutes" --init "models/$task/model.ts" "$@" 2>&1 | grep -v Warning | tail -n 40
+        --max-minutes "$minutes" --init "training/checkpoints/$task/best.pt" "$@" 2>&1 | grep -v Warning | tail -n 40
     # best.pt only when this run found a better checkpoint (a resumed stage may not)
     for f in state.pt best.pt history.json; do
         [[ ! -f "training/checkpoints/$task/$f" ]] || split -b "$PART" -d "training/checkpoints/$task/$f" "$OUT/$f.part-"
@@ -89,5 +93,5 @@ fetch)
     ls -l "training/checkpoints/$task"
     ;;
 *)
-    echo "usage: $SELF prepare TASK | remote TASK MINUTES [TRAIN ARGS...] | restore | fetch FILES_AT TASK" >&2; exit 2;;
+    echo "usage: $SELF prepare TASK [new|resume] | remote TASK MINUTES [TRAIN ARGS...] | restore | fetch FILES_AT TASK" >&2; exit 2;;
 esac
