@@ -330,8 +330,6 @@ def _repo_relative(path: Path) -> str:
     return os.path.relpath(path.resolve(), ROOT)
 
 
-# What a stage of training is: stored in its checkpoint, so that resuming (make train, a new
-# machine, a GPU) continues the same schedule without repeating the options.
 def cpu_has_native_bf16(cpuinfo: Path = Path("/proc/cpuinfo")) -> bool:
     """Whether this CPU computes bfloat16 in hardware (AVX-512 BF16 or AMX), from its flags."""
     try:
@@ -355,6 +353,8 @@ def training_precision(device: torch.device, choice: str = "auto") -> str:
     return "bf16" if cpu_has_native_bf16() else "fp32"
 
 
+# What a stage of training is: stored in its checkpoint, so that resuming (make train, a new
+# machine, a GPU) continues the same schedule without repeating the options.
 STAGE_KEYS = ("iterations", "batch", "lr", "warmup", "seed", "recall_weight", "init", "augment", "context_model",
               "network", "channels", "widen_noise")
 
