@@ -344,3 +344,26 @@ def test_a_new_stage_from_a_widened_release_keeps_its_widths_without_channels(tm
     for k, v in wide.state_dict().items():  # lr 0: the source's weights, unchanged
         if v.is_floating_point():
             assert torch.equal(state["model"][k], v.half()), k
+
+
+def test_the_whole_crop_experiment_runs_the_released_weights_on_one_window_of_any_multiple_of_16(tmp_path):
+    """training.whole_crop (docs/benchmark.md: tried, not kept): its ONNX takes the whole crop, and
+    each window equals the network on that window (the experiment's only change is the window)."""
+    import onnxruntime as ort
+
+    from training.train import ROOT
+    from training.whole_crop import CROP, export_dynamic, multiple_of
+
+    patch = TASKS["hn_oar"].patch_zyx
+    assert multiple_of(CROP, patch, 16) == (144, 80, 144)
+    assert multiple_of((40, 70, 81), patch, 16) == tuple(patch[:2]) + (96,)  # never below the training patch
+    onnx = tmp_path / "dyn.onnx"
+    assert export_dynamic("hn_oar", onnx) == 16  # five levels: four halvings
+    session = ort.InferenceSession(str(onnx), providers=["CPUExecutionProvider"])
+    x = np.random.default_rng(0).random((1, 1, 80, 80, 96), np.float32)
+    released = ort.InferenceSession(str(ROOT / "models/hn_oar/model.onnx"), providers=["CPUExecutionProvider"])
+    channels = released.get_outputs()[0].shape[1]
+    assert session.run(None, {"image": x})[0].shape == (1, channels, 80, 80, 96)
+    window = x[:, :, : patch[0], : patch[1], : patch[2]]
+    np.testing.assert_allclose(session.run(None, {"image": window})[0], released.run(None, {"image": window})[0],
+                               atol=1e-3)
