@@ -22,6 +22,7 @@ statistics over a whole crop differ from those over a patch.
 from __future__ import annotations
 
 import argparse
+import json
 import shutil
 import statistics
 import sys
@@ -114,8 +115,6 @@ def main() -> None:
         sys.argv = ["training.evaluate", "--models", args.task, "--no-mirror", "--postprocess", "--reference-qa",
                     "--models-dir", str(models), "--json", str(args.json)]
         evaluate.main()
-    import json
-
     result = json.loads(args.json.read_text())
     result["whole_crop_timing"] = t
     args.json.write_text(json.dumps(result, indent=1))
