@@ -38,13 +38,19 @@ def data_description(stage: dict) -> str:
             "fixed the recipe): the validation figures below are the recipe's, measured on a control trained without them")
 
 
-def export(task: Task, checkpoint: Path, out_dir: Path, version: str, mirror: bool) -> Path:
+def load_deployable(task: Task, checkpoint: Path) -> tuple[dict, torch.nn.Module, str, tuple[int, ...]]:
+    """A checkpoint's network as the app runs it (float32, eval, training-only parts such as the
+    deep-supervision heads dropped): (the checkpoint, the network, its kind, its widths)."""
     ck = torch.load(checkpoint, weights_only=False, map_location="cpu")
     network = checkpoint_network(ck)
     channels = checkpoint_channels(ck, task)
     net = build_network(task, network, channels)
     net.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in ck["model"].items()})
-    net = deployable(net).eval()  # training-only parts (deep-supervision heads) are not exported
+    return ck, deployable(net).eval(), network, channels
+
+
+def export(task: Task, checkpoint: Path, out_dir: Path, version: str, mirror: bool) -> Path:
+    ck, net, network, channels = load_deployable(task, checkpoint)
     out_dir.mkdir(parents=True, exist_ok=True)
     x = torch.zeros(1, task.in_channels, *task.patch_zyx)
     onnx_path, ts_path = out_dir / "model.onnx", out_dir / "model.ts"

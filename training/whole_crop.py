@@ -36,9 +36,9 @@ import torch
 import yaml
 
 from autocontour.model_config import sha256_file
-from training.networks import deployable
+from training.export import load_deployable
 from training.tasks import TASKS
-from training.train import ROOT, build_network, checkpoint_channels, checkpoint_network
+from training.train import ROOT
 
 CROP = (132, 76, 130)  # hn-chus-052's hn_oar crop on the model grid (make bench prints it)
 
@@ -51,11 +51,7 @@ def multiple_of(shape, patch, m: int) -> tuple[int, ...]:
 def export_dynamic(task_name: str, out: Path) -> int:
     """The committed best.pt as ONNX with free batch and spatial axes; returns the network's multiple."""
     task = TASKS[task_name]
-    ck = torch.load(ROOT / "training/checkpoints" / task_name / "best.pt", weights_only=False, map_location="cpu")
-    channels = checkpoint_channels(ck, task)
-    net = build_network(task, checkpoint_network(ck), channels)
-    net.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in ck["model"].items()})
-    net = deployable(net).eval()
+    _, net, _, channels = load_deployable(task, ROOT / "training/checkpoints" / task_name / "best.pt")
     axes = {0: "batch", 2: "z", 3: "y", 4: "x"}
     torch.onnx.export(net, torch.zeros(1, task.in_channels, *task.patch_zyx), str(out), input_names=["image"],
                       output_names=["logits"], dynamic_axes={"image": axes, "logits": axes}, opset_version=17,
