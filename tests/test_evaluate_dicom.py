@@ -118,10 +118,19 @@ def test_write_stores_the_summary_and_the_card_shows_it_beside_the_model_grid(tm
     assert "### Through the whole app" not in render(meta)
 
 
-def test_write_is_refused_for_part_of_the_patients(monkeypatch):
+@pytest.mark.parametrize("extra", [["--limit", "2"], ["--upsampling", "nearest"]])
+def test_write_is_refused_for_part_of_the_patients_or_another_upsampling(monkeypatch, extra):
     from training import evaluate_dicom as ed
 
     monkeypatch.setattr(ed, "evaluate_dicom", lambda *a, **k: pytest.fail("scored before refusing"))
-    monkeypatch.setattr("sys.argv", ["evaluate_dicom", "--limit", "2", "--write"])
-    with pytest.raises(SystemExit, match="all the patients"):
+    monkeypatch.setattr("sys.argv", ["evaluate_dicom", *extra, "--write"])
+    with pytest.raises(SystemExit, match="all the patients, linearly upsampled"):
         ed.main()
+
+
+def test_nearest_upsampling_draws_each_pixel_as_a_block_in_the_same_place():
+    rng = np.random.default_rng(1)
+    ct = rng.integers(-1000, 1000, (2, 8, 8)).astype(np.int16)
+    fine, _, origin = fine_ct(_case(ct), order=0)
+    assert np.array_equal(fine, to_fine(ct).astype(np.float32))
+    assert origin == fine_ct(_case(ct))[2]  # the grid does not depend on the interpolation

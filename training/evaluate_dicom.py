@@ -1,6 +1,6 @@
 """Dice of the whole app on OpenKBP patients written as 512 x 512 DICOM planning CTs.
 
-    python -m training.evaluate_dicom [--limit N] [--json training/results/validation-app-dicom.json]
+    python -m training.evaluate_dicom [--limit N] [--upsampling linear|nearest|cubic] [--json FILE] [--write]
 
 ``training.evaluate`` scores the models on each patient's own 128 x 128 grid (3.9 mm
 pixels).  The patients the models are finally judged on arrive as clinical CTs instead:
@@ -58,15 +58,18 @@ from training.tasks import reference_mask
 logger = logging.getLogger("training.evaluate_dicom")
 ROOT = Path(__file__).resolve().parent.parent
 UPSAMPLE = 4  # 128 x 3.906 mm -> 512 x 0.977 mm: the same 500 mm field
+INTERPOLATION = {0: "nearest", 1: "linear", 3: "cubic"}  # --upsampling: spline order -> name
 WRITE_KEY = "validation_app_dicom"  # where --write stores the summary in model.yaml
 
 
-def fine_ct(case: Case, factor: int = UPSAMPLE) -> tuple[np.ndarray, tuple[float, float, float], tuple[float, float, float]]:
-    """The CT upsampled ``factor`` x in-plane (linear, pixel areas aligned), its spacing and
+def fine_ct(case: Case, factor: int = UPSAMPLE, order: int = 1,
+            ) -> tuple[np.ndarray, tuple[float, float, float], tuple[float, float, float]]:
+    """The CT upsampled ``factor`` x in-plane (spline ``order``: 1 linear, 0 nearest, 3 cubic;
+    pixel areas aligned), its spacing and
     the LPS origin of its first voxel, for a coarse grid whose first voxel centre is at
     (0, 0, 0): fine pixel (j, i) covers 1/factor of coarse pixel (j // factor, i // factor)."""
     dz, dy, dx = case.spacing_zyx
-    ct = ndimage.zoom(case.ct.astype(np.float32), (1, factor, factor), order=1, grid_mode=True, mode="nearest")
+    ct = ndimage.zoom(case.ct.astype(np.float32), (1, factor, factor), order=order, grid_mode=True, mode="nearest")
     shift = (1.0 / factor - 1.0) / 2  # first fine centre, in coarse pixels from the first coarse centre
     return ct, (dz, dy / factor, dx / factor), (shift * dx, shift * dy, 0.0)
 
@@ -118,8 +121,9 @@ def read_contours(ct_dir: Path, out_dir: Path) -> tuple[Volume, dict[str, np.nda
 
 
 def evaluate_dicom(models_dir: Path, names: list[str], data: Path, limit: int | None = None,
-                   last: int | None = None, keep: Path | None = None) -> dict:
-    """Score the app's RTSTRUCT for ``names`` on the patients of ``data`` (see the module)."""
+                   last: int | None = None, keep: Path | None = None, order: int = 1) -> dict:
+    """Score the app's RTSTRUCT for ``names`` on the patients of ``data`` (see the module);
+    ``order``: the upsampling's spline order (``fine_ct``)."""
     cfgs = {n: load_model_config(models_dir / n) for n in names}
     rois = {n: yaml.safe_load((c.folder / "model.yaml").read_text())["output"]["source_rois"] for n, c in cfgs.items()}
     paths = patient_files(data, limit, last)
@@ -131,7 +135,7 @@ def evaluate_dicom(models_dir: Path, names: list[str], data: Path, limit: int | 
         for path in paths:
             case = load_openkbp(path)
             work = (keep or Path(tmp)) / path.stem
-            ct, spacing, origin = fine_ct(case)
+            ct, spacing, origin = fine_ct(case, order=order)
             write_ct_series(ct, spacing, work / "ct", origin_lps=origin, patient_id=f"OPENKBP-{path.stem}",
                             series_description=f"OpenKBP {path.stem} 512x512")
             seconds.append(run_app(work / "ct", work / "out", models_dir))
@@ -164,7 +168,8 @@ def evaluate_dicom(models_dir: Path, names: list[str], data: Path, limit: int | 
         result[name] = {
             "data": str(data.relative_to(data.parents[2])) if len(data.parents) > 2 else str(data),
             "patients": len(paths),
-            "path": f"app.py on {UPSAMPLE}x in-plane upsampled DICOM (512 x 512), RTSTRUCT read back; "
+            "path": f"app.py on {UPSAMPLE}x in-plane upsampled DICOM (512 x 512, {INTERPOLATION[order]}), "
+                    "RTSTRUCT read back; "
                     "scored on the reference's grid (a voxel inside when >= half its fine pixels are)",
             "postprocessed": True,
             **summary,
@@ -184,20 +189,25 @@ def main() -> None:
     which = ap.add_mutually_exclusive_group()
     which.add_argument("--limit", type=int, help="the first N patients by number")
     which.add_argument("--last", type=int, metavar="N", help="the last N patients by number")
+    ap.add_argument("--upsampling", choices=list(INTERPOLATION.values()), default="linear",
+                    help="how the 128 grid is brought to 512 (default linear; nearest and cubic: how robust the figures "
+                         "are to the way a CT was reconstructed)")
     ap.add_argument("--keep", type=Path, metavar="DIR", help="keep each patient's DICOM CT and the app's output here")
     ap.add_argument("--json", type=Path, help="also write the result to this file")
     ap.add_argument("--write", action="store_true",
                     help=f"store the result in models/<name>/model.yaml under {WRITE_KEY} (all patients only)")
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
-    if args.write and (args.limit or args.last):
-        raise SystemExit("--write stores the figures of all the patients: leave out --limit / --last")
+    if args.write and (args.limit or args.last or args.upsampling != "linear"):
+        raise SystemExit("--write stores the figures of all the patients, linearly upsampled: "
+                         "leave out --limit / --last / --upsampling")
     for name in args.models if args.write else []:  # refused before the minutes of scoring
         meta = yaml.safe_load((args.models_dir / name / "model.yaml").read_text())
         if trained_on(meta, args.data):
             raise SystemExit(f"{args.models_dir / name} was trained on the patients of {args.data}: "
                              "its Dice there is memory, not validation")
-    result = evaluate_dicom(args.models_dir, args.models, args.data, args.limit, args.last, args.keep)
+    order = {name: o for o, name in INTERPOLATION.items()}[args.upsampling]
+    result = evaluate_dicom(args.models_dir, args.models, args.data, args.limit, args.last, args.keep, order)
     print(json.dumps({n: without_per_patient(r) for n, r in result.items()}, indent=1))  # noqa: T201 - a report
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
