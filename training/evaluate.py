@@ -103,6 +103,11 @@ def patient_files(data: Path, limit: int | None = None, last: int | None = None)
     return paths[-last:] if last else paths[:limit]
 
 
+def data_label(data: Path) -> str:
+    """How a result names its patients' folder: ``data/openkbp/validation``, not the machine's path."""
+    return str(data.relative_to(data.parents[2])) if len(data.parents) > 2 else str(data)
+
+
 PER_PATIENT = "per_patient_headline_dice"  # in --json only: training.compare's input
 
 
@@ -169,7 +174,7 @@ def evaluate(
     result = {}
     for name, rows in per.items():
         result[name] = {
-            "data": str(data.relative_to(data.parents[2])) if len(data.parents) > 2 else str(data),
+            "data": data_label(data),
             "patients": len(paths),
             "test_time_mirroring": segmenters[name].mirror,
             "postprocessed": postprocessed,

@@ -52,7 +52,9 @@ from autocontour.volume import Volume, to_canonical
 from tools.openkbp_to_dicom import write_ct_series
 from training import metrics
 from training.data import Case, load_openkbp
-from training.evaluate import PARTIAL_LENGTH, PER_PATIENT, patient_files, score, summarise, trained_on, without_per_patient
+from training.evaluate import (
+    PARTIAL_LENGTH, PER_PATIENT, data_label, patient_files, score, summarise, trained_on, without_per_patient,
+)
 from training.tasks import reference_mask
 
 logger = logging.getLogger("training.evaluate_dicom")
@@ -65,9 +67,9 @@ WRITE_KEY = "validation_app_dicom"  # where --write stores the summary in model.
 def fine_ct(case: Case, factor: int = UPSAMPLE, order: int = 1,
             ) -> tuple[np.ndarray, tuple[float, float, float], tuple[float, float, float]]:
     """The CT upsampled ``factor`` x in-plane (spline ``order``: 1 linear, 0 nearest, 3 cubic;
-    pixel areas aligned), its spacing and
-    the LPS origin of its first voxel, for a coarse grid whose first voxel centre is at
-    (0, 0, 0): fine pixel (j, i) covers 1/factor of coarse pixel (j // factor, i // factor)."""
+    pixel areas aligned), its spacing and the LPS origin of its first voxel, for a coarse
+    grid whose first voxel centre is at (0, 0, 0): fine pixel (j, i) covers 1/factor of
+    coarse pixel (j // factor, i // factor) in each direction."""
     dz, dy, dx = case.spacing_zyx
     ct = ndimage.zoom(case.ct.astype(np.float32), (1, factor, factor), order=order, grid_mode=True, mode="nearest")
     shift = (1.0 / factor - 1.0) / 2  # first fine centre, in coarse pixels from the first coarse centre
@@ -101,8 +103,8 @@ def run_app(ct_dir: Path, out_dir: Path, models_dir: Path) -> float:
     """``app.py`` on one CT folder as a user runs it (as ``make run`` does); its wall time in seconds."""
     t0 = time.perf_counter()
     proc = subprocess.run(
-        [sys.executable, str(ROOT / "app.py"), "-i", str(ct_dir), "-o", str(out_dir), "-m", str(models_dir),
-         "--no-qa", "-l", "WARNING"],
+        [sys.executable, str(ROOT / "app.py"), "-i", str(ct_dir.resolve()), "-o", str(out_dir.resolve()),
+         "-m", str(models_dir.resolve()), "--no-qa", "-l", "WARNING"],
         cwd=ROOT, capture_output=True, text=True, timeout=600, preexec_fn=_app_stack,
     )
     if proc.returncode != 0:
@@ -166,7 +168,7 @@ def evaluate_dicom(models_dir: Path, names: list[str], data: Path, limit: int | 
         summary = summarise(per[name])
         dice_fine = {label: round(float(np.mean(v)), 4) for label, v in fine[name].items()}
         result[name] = {
-            "data": str(data.relative_to(data.parents[2])) if len(data.parents) > 2 else str(data),
+            "data": data_label(data),
             "patients": len(paths),
             "path": f"app.py on {UPSAMPLE}x in-plane upsampled DICOM (512 x 512, {INTERPOLATION[order]}), "
                     "RTSTRUCT read back; "
