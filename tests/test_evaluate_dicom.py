@@ -58,7 +58,10 @@ def test_to_coarse_is_the_inverse_of_to_fine_and_needs_half_a_block():
     fine = np.zeros((1, 2 * UPSAMPLE, 2 * UPSAMPLE), bool)
     fine[0, :UPSAMPLE, : UPSAMPLE // 2] = True  # exactly half of coarse pixel (0, 0)
     fine[0, UPSAMPLE:, UPSAMPLE:].flat[: UPSAMPLE * UPSAMPLE // 2 - 1] = True  # one pixel short of half of (1, 1)
+    assert fine[0, UPSAMPLE:, UPSAMPLE:].sum() == UPSAMPLE * UPSAMPLE // 2 - 1
     assert to_coarse(fine)[0].tolist() == [[True, False], [False, False]]
+    fine[0, -1, -1] = True  # now exactly half
+    assert to_coarse(fine)[0].tolist() == [[True, False], [False, True]]
 
 
 @pytest.mark.slow
