@@ -19,7 +19,7 @@ that path, end to end, on the same patients:
    also on the reference's slices), so that ``training.compare`` pairs it patient by
    patient with ``training.evaluate --postprocess``; and (b) as Dice on the 512 grid
    against the reference upsampled to it (each reference voxel a 4 x 4 block:
-   ``dice_fine``, headline rule).
+   ``dice_fine_grid_headline_*``, headline rule).
 
 The JSON has ``training.evaluate``'s layout per model (and the app's wall time per patient);
 ``--write`` stores the summary in each ``models/<name>/model.yaml`` under
@@ -31,7 +31,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import resource
 import shutil
 import subprocess
 import sys
@@ -49,11 +48,13 @@ from autocontour.model_config import load_model_config
 from autocontour.readback import rasterise_rtstruct
 from autocontour.series_selection import SelectionRules, scan_folder, select_series
 from autocontour.volume import Volume, to_canonical
+from deploy.runner import EXIT_CODES, VenvRunner
 from tools.openkbp_to_dicom import write_ct_series
 from training import metrics
 from training.data import Case, load_openkbp
 from training.evaluate import (
-    PARTIAL_LENGTH, PER_PATIENT, data_label, patient_files, score, summarise, trained_on, without_per_patient,
+    PARTIAL_LENGTH, PER_PATIENT, add_model_arguments, data_label, patient_files, score, summarise, trained_on,
+    without_per_patient,
 )
 from training.tasks import reference_mask
 
@@ -89,27 +90,17 @@ def to_fine(mask: np.ndarray, factor: int = UPSAMPLE) -> np.ndarray:
     return np.repeat(np.repeat(mask, factor, axis=1), factor, axis=2)
 
 
-APP_STACK_BYTES = 32 * 1024 * 1024  # `ulimit -s 32768`, as `make run` starts the app
-
-
-def _app_stack() -> None:
-    soft, hard = resource.getrlimit(resource.RLIMIT_STACK)
-    if soft != resource.RLIM_INFINITY and soft < APP_STACK_BYTES:
-        resource.setrlimit(resource.RLIMIT_STACK, (APP_STACK_BYTES if hard == resource.RLIM_INFINITY
-                                                   else min(APP_STACK_BYTES, hard), hard))
-
-
 def run_app(ct_dir: Path, out_dir: Path, models_dir: Path) -> float:
-    """``app.py`` on one CT folder as a user runs it (as ``make run`` does); its wall time in seconds."""
+    """``app.py`` on one CT folder as a user runs it (``deploy.runner.VenvRunner``'s command: the
+    32 MiB stack ``make run`` gives it); its wall time in seconds."""
+    cmd, env = VenvRunner(ROOT, timeout_s=600, python=Path(sys.executable)).command(ct_dir.resolve(), out_dir.resolve())
     t0 = time.perf_counter()
-    proc = subprocess.run(
-        [sys.executable, str(ROOT / "app.py"), "-i", str(ct_dir.resolve()), "-o", str(out_dir.resolve()),
-         "-m", str(models_dir.resolve()), "--no-qa", "-l", "WARNING"],
-        cwd=ROOT, capture_output=True, text=True, timeout=600, preexec_fn=_app_stack,
-    )
+    proc = subprocess.run(cmd + ["-m", str(models_dir.resolve()), "--no-qa", "-l", "WARNING"], env=env, cwd=ROOT,
+                          capture_output=True, text=True, timeout=600)
     if proc.returncode != 0:
         tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["(no output)"]
-        raise RuntimeError(f"app.py exited {proc.returncode} on {ct_dir}: {tail[0]}")
+        why = EXIT_CODES.get(proc.returncode, "unknown exit code")
+        raise RuntimeError(f"app.py exited {proc.returncode} ({why}) on {ct_dir}: {tail[0]}")
     return time.perf_counter() - t0
 
 
@@ -185,17 +176,11 @@ def evaluate_dicom(models_dir: Path, names: list[str], data: Path, limit: int | 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--models", nargs="+", default=["hn_oar", "hn_target"])
-    ap.add_argument("--models-dir", type=Path, default=ROOT / "models")
-    ap.add_argument("--data", type=Path, default=ROOT.parent / "shared/data/openkbp/validation")
-    which = ap.add_mutually_exclusive_group()
-    which.add_argument("--limit", type=int, help="the first N patients by number")
-    which.add_argument("--last", type=int, metavar="N", help="the last N patients by number")
+    add_model_arguments(ap)  # --models, --models-dir, --data, --limit / --last, --json: as training.evaluate
     ap.add_argument("--upsampling", choices=list(INTERPOLATION.values()), default="linear",
                     help="how the 128 grid is brought to 512 (default linear; nearest and cubic: how robust the figures "
                          "are to the way a CT was reconstructed)")
     ap.add_argument("--keep", type=Path, metavar="DIR", help="keep each patient's DICOM CT and the app's output here")
-    ap.add_argument("--json", type=Path, help="also write the result to this file")
     ap.add_argument("--write", action="store_true",
                     help=f"store the result in models/<name>/model.yaml under {WRITE_KEY} (all patients only)")
     args = ap.parse_args()
