@@ -367,3 +367,44 @@ def test_the_whole_crop_experiment_runs_the_released_weights_on_one_window_of_an
     window = x[:, :, : patch[0], : patch[1], : patch[2]]
     np.testing.assert_allclose(session.run(None, {"image": window})[0], released.run(None, {"image": window})[0],
                                atol=1e-3)
+
+
+def test_a_stage_trains_on_its_own_patch_and_exports_it_as_the_apps_window(tmp_path, monkeypatch):
+    """``--patch`` is part of the stage: the sampler cuts patches of that size, a resumed run keeps
+    it, and the export writes it into model.yaml (the app's sliding window) and the ONNX input."""
+    pytest.importorskip("onnxruntime")
+    import onnxruntime as ort
+    import yaml
+
+    from training import train
+    from training.export import export
+
+    task = TASKS["hn_oar"]
+    cases = [_synthetic_case(f"pt_{i}", i) for i in range(3)]
+    monkeypatch.setattr(train, "cached_cases", lambda *a, **k: list(cases))
+    cut = []
+    real_cut = train.cut_patch
+    monkeypatch.setattr(train, "cut_patch", lambda *a, **k: cut.append(a[4]) or real_cut(*a, **k))
+    common = ["train", "--task", "hn_oar", "--data", str(tmp_path), "--checkpoints", str(tmp_path / "ck"),
+              "--holdout", "1", "--ckpt-every", "1", "--batch", "1", "--channels", *map(str, WIDTHS)]
+    monkeypatch.setattr("sys.argv", common + ["--new-stage", "--patch", "32", "48", "80", "--iterations", "2",
+                                              "--stop-at", "1", "--warmup", "1", "--lr", "1e-4"])
+    train.main()
+    monkeypatch.setattr("sys.argv", common)  # resumed: the stage's patch, not the task's default
+    train.main()
+    assert cut == [(32, 48, 80), (32, 48, 80)]
+    state = torch.load(tmp_path / "ck/hn_oar/state.pt", weights_only=False)
+    assert state["iteration"] == 2 and state["stage"]["patch"] == [32, 48, 80]
+    assert train.checkpoint_task(state, task).patch_zyx == (32, 48, 80)
+    assert train.checkpoint_task({"stage": {"patch": None}}, task) is task  # stages before --patch
+
+    out = export(task, tmp_path / "ck/hn_oar/state.pt", tmp_path / "model", "0.0.1", mirror=False)
+    meta = yaml.safe_load((out / "model.yaml").read_text())
+    assert meta["input"]["patch_zyx"] == [32, 48, 80]
+    session = ort.InferenceSession(str(out / "model.onnx"), providers=["CPUExecutionProvider"])
+    assert session.get_inputs()[0].shape[2:] == [32, 48, 80]
+
+    monkeypatch.setattr("sys.argv", common + ["--new-stage", "--patch", "32", "48", "72", "--checkpoints",
+                                              str(tmp_path / "bad")])
+    with pytest.raises(SystemExit, match="multiple of 16"):
+        train.main()

@@ -25,7 +25,7 @@ from training.context import context_labels
 from training.data import cached_cases
 from training.tasks import TASKS
 from training.train import (
-    ROOT, build_network, checkpoint_channels, checkpoint_network, holdout_dice, init_from_torchscript,
+    ROOT, build_network, checkpoint_channels, checkpoint_network, checkpoint_task, holdout_dice, init_from_torchscript,
 )
 
 logger = logging.getLogger("training.checkpoint_dice")
@@ -53,6 +53,7 @@ def main() -> None:
             model = args.context_model or ROOT / "models" / task.context / "model.ts"
             contexts = context_labels(cases, task, model, ROOT / "training/cache")
         meta = torch.load(ckpt, weights_only=False, map_location="cpu")
+        task = checkpoint_task(meta, task)
         net = build_network(task, checkpoint_network(meta), checkpoint_channels(meta, task))
         init_from_torchscript(net, ckpt)
         dice = holdout_dice(net, cases, task, contexts)

@@ -22,7 +22,7 @@ import yaml
 from autocontour.model_config import sha256_file
 from training.tasks import TASKS, Task
 from training.networks import deployable, describe
-from training.train import ROOT, build_network, checkpoint_channels, checkpoint_network
+from training.train import ROOT, build_network, checkpoint_channels, checkpoint_network, checkpoint_task
 
 logger = logging.getLogger("training.export")
 
@@ -51,6 +51,7 @@ def load_deployable(task: Task, checkpoint: Path) -> tuple[dict, torch.nn.Module
 
 def export(task: Task, checkpoint: Path, out_dir: Path, version: str, mirror: bool) -> Path:
     ck, net, network, channels = load_deployable(task, checkpoint)
+    task = checkpoint_task(ck, task)  # the stage's patch is the app's window
     out_dir.mkdir(parents=True, exist_ok=True)
     x = torch.zeros(1, task.in_channels, *task.patch_zyx)
     onnx_path, ts_path = out_dir / "model.onnx", out_dir / "model.ts"

@@ -35,6 +35,7 @@ import logging
 import os
 import random
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -62,6 +63,12 @@ def build_network(task: Task, network: str = "unet", channels: tuple[int, ...] |
 def checkpoint_channels(checkpoint: dict, task: Task) -> tuple[int, ...]:
     """The widths of a saved stage's network (stages before ``--channels`` used the task's)."""
     return tuple((checkpoint.get("stage") or {}).get("channels") or task.channels)
+
+
+def checkpoint_task(checkpoint: dict, task: Task) -> Task:
+    """``task`` with the saved stage's patch (stages before ``--patch`` used the task's)."""
+    patch = (checkpoint.get("stage") or {}).get("patch")
+    return replace(task, patch_zyx=tuple(patch)) if patch else task
 
 
 def checkpoint_network(checkpoint: dict) -> str:
@@ -356,7 +363,7 @@ def training_precision(device: torch.device, choice: str = "auto") -> str:
 # What a stage of training is: stored in its checkpoint, so that resuming (make train, a new
 # machine, a GPU) continues the same schedule without repeating the options.
 STAGE_KEYS = ("iterations", "batch", "lr", "warmup", "seed", "recall_weight", "init", "augment", "context_model",
-              "network", "channels", "widen_noise")
+              "network", "channels", "widen_noise", "patch")
 
 
 def main() -> None:
@@ -387,6 +394,9 @@ def main() -> None:
     ap.add_argument("--widen-noise", type=float, default=0.0, metavar="F",
                     help="new stage widened from --init: Gaussian noise of F x each tensor's std on the new "
                          "channels' incoming weights (default 0: exactly the old function)")
+    ap.add_argument("--patch", type=int, nargs=3, metavar=("Z", "Y", "X"),
+                    help="new stage: the training patch and the app's window on the model grid (default the "
+                         "task's 64 80 80; each a multiple of 2^(levels - 1)); recorded in the stage and model.yaml")
     ap.add_argument("--checkpoints", type=Path, default=ROOT / "training/checkpoints",
                     help="where the committed, resumable stage lives (<task>/state.pt, best.pt, history.json)")
     ap.add_argument("--new-stage", action="store_true", help="start a new stage even if a checkpoint exists")
@@ -419,6 +429,7 @@ def main() -> None:
         ck = torch.load(state_path, weights_only=False, map_location="cpu")
         stage = ck["stage"]
         stage.setdefault("network", checkpoint_network(ck))
+        task = checkpoint_task(ck, task)
         net = build_network(task, stage["network"], checkpoint_channels(ck, task)).to(device)
         net.load_state_dict(_cast(ck["model"], torch.float32))
         it, best, history = ck["iteration"], ck["best"], ck["history"]
@@ -434,6 +445,10 @@ def main() -> None:
             widths = networks.unet_channels(init_weights(args.init))
             stage["channels"] = list(widths) if widths and widths != tuple(task.channels) else None
         net = build_network(task, stage["network"], stage["channels"]).to(device)
+        task = checkpoint_task({"stage": stage}, task)
+        multiple = 2 ** (len(stage["channels"] or task.channels) - 1)
+        if any(p % multiple for p in task.patch_zyx):
+            raise SystemExit(f"--patch {' '.join(map(str, task.patch_zyx))}: each side must be a multiple of {multiple}")
         if args.init:
             init_from_torchscript(net, args.init, stage["seed"], stage["widen_noise"])
             logger.info("new stage from %s: %s", args.init, stage)
