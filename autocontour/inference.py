@@ -29,8 +29,8 @@ from autocontour.volume import BODY_HU
 logger = logging.getLogger(__name__)
 
 __all__ = [
-    "resample_linear", "sliding_window", "body_box", "to_model_grid", "to_probabilities", "masks_on_patient_grid",
-    "mirror_permutation", "mirrored", "averaged",
+    "resample_linear", "window_starts", "sliding_window", "body_box", "to_model_grid", "to_probabilities",
+    "masks_on_patient_grid", "mirror_permutation", "mirrored", "averaged",
 ]
 
 BODY_MARGIN_MM = 16.0
@@ -97,6 +97,16 @@ def _gaussian_weight(patch: tuple[int, int, int]) -> np.ndarray:
     return np.maximum(w, 1e-3).astype(np.float32)
 
 
+def window_starts(shape: tuple[int, ...], patch: tuple[int, int, int], overlap: float = 0.25) -> list[list[int]]:
+    """Per axis, the start indices of ``sliding_window``'s windows over an image of ``shape``
+    (an axis shorter than the patch is padded to it: one window)."""
+    starts = []
+    for s, p in zip(shape, patch):
+        n = int(np.ceil((s - p) / (p * (1 - overlap)))) + 1 if s > p else 1
+        starts.append(sorted({int(round(v)) for v in np.linspace(0, max(s - p, 0), n)}))
+    return starts
+
+
 def sliding_window(
     image: np.ndarray, patch: tuple[int, int, int], predict, n_out: int, overlap: float = 0.25,
     batch: int = WINDOW_BATCH,
@@ -105,10 +115,7 @@ def sliding_window(
     pad = [max(0, p - s) for p, s in zip(patch, image.shape)]
     padded = np.pad(image, [(q // 2, q - q // 2) for q in pad], mode="constant", constant_values=0.0)
     shape = padded.shape
-    starts = []
-    for s, p in zip(shape, patch):
-        n = int(np.ceil((s - p) / (p * (1 - overlap)))) + 1 if s > p else 1
-        starts.append(sorted({int(round(v)) for v in np.linspace(0, s - p, n)}))
+    starts = window_starts(shape, patch, overlap)
     w = _gaussian_weight(patch)
     acc = np.zeros((n_out, *shape), np.float32)
     norm = np.zeros(shape, np.float32)

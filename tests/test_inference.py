@@ -11,7 +11,7 @@ from fakes import FakeBackend
 from scipy import ndimage
 
 from autocontour.inference import (
-    _merge_boxes, body_box, masks_on_patient_grid, resample_linear, sliding_window, to_model_grid,
+    _merge_boxes, body_box, masks_on_patient_grid, resample_linear, sliding_window, to_model_grid, window_starts,
 )
 from autocontour.model_config import ModelConfig
 from autocontour.segmenter import Segmenter
@@ -54,6 +54,17 @@ def test_sliding_window_pads_small_volumes():
     out = sliding_window(img, (16, 16, 16), lambda x: x, n_out=1)
     assert out.shape == (1, 5, 9, 40)
     np.testing.assert_allclose(out, 1.0)
+
+
+def test_window_starts_are_the_windows_sliding_window_runs():
+    """hn-chus-052's hn_oar crop: 6 windows of 64 x 80 x 80, 2 of 80 x 80 x 144 (as the benchmark counted)."""
+    crop = (132, 76, 130)
+    assert window_starts(crop, (64, 80, 80)) == [[0, 34, 68], [0], [0, 50]]
+    assert window_starts(crop, (80, 80, 144)) == [[0, 52], [0], [0]]
+    seen = []
+    img = np.zeros((20, 37, 41), np.float32)
+    sliding_window(img, (16, 16, 16), lambda x: seen.append(len(x)) or x, n_out=1, batch=1)
+    assert len(seen) == np.prod([len(a) for a in window_starts(img.shape, (16, 16, 16))])
 
 
 def test_body_box_excludes_the_couch():
