@@ -7,6 +7,9 @@ These need torch, which the app's venv does not have: they run in the training v
 
 from __future__ import annotations
 
+import hashlib
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -407,4 +410,52 @@ def test_a_stage_trains_on_its_own_patch_and_exports_it_as_the_apps_window(tmp_p
     monkeypatch.setattr("sys.argv", common + ["--new-stage", "--patch", "32", "48", "72", "--checkpoints",
                                               str(tmp_path / "bad")])
     with pytest.raises(SystemExit, match="multiple of 16"):
+        train.main()
+
+
+def test_a_teacher_stage_fills_missing_organs_of_the_training_patients_only(tmp_path, monkeypatch):
+    """``--teacher``: the stage records the teacher's path and hash; its label maps are asked for
+    the training patients only (the held-out ones keep their references); the sampler's weights
+    stay the clinicians'; a resumed stage refuses a teacher file that changed."""
+    from training import train
+
+    task = TASKS["hn_oar"]
+    names = [n for n, _ in task.outputs]
+    cases = [_synthetic_case(f"pt_{i}", i) for i in range(3)]
+    teacher_maps = []
+    for c in cases:
+        lab = np.zeros(c.ct.shape, np.uint8)
+        lab[10:20, 20:26, 20:26] = names.index("Larynx") + 1  # every synthetic patient lacks a larynx
+        teacher_maps.append(lab)
+    asked = []
+
+    def fake_label_maps(cs, source, model_ts, cache_dir):
+        asked.append(([c.name for c in cs], source.name, Path(model_ts).resolve()))
+        return [teacher_maps[int(c.name.split("_")[1])] for c in cs]
+
+    monkeypatch.setattr(train, "cached_cases", lambda *a, **k: list(cases))
+    monkeypatch.setattr(train, "model_label_maps", fake_label_maps)
+    teacher = tmp_path / "teacher.ts"
+    teacher.write_bytes(b"a released model")
+    common = ["train", "--task", "hn_oar", "--data", str(tmp_path), "--checkpoints", str(tmp_path / "ck"),
+              "--holdout", "1", "--ckpt-every", "1", "--batch", "1", "--channels", *map(str, WIDTHS)]
+    monkeypatch.setattr("sys.argv", common + ["--new-stage", "--teacher", str(teacher), "--iterations", "2",
+                                              "--stop-at", "1", "--warmup", "1", "--lr", "1e-4"])
+    train.main()
+    assert asked == [(["pt_0", "pt_1"], "hn_oar", teacher.resolve())]  # pt_2 is held out
+    stage = torch.load(tmp_path / "ck/hn_oar/state.pt", weights_only=False)["stage"]
+    assert Path(train.ROOT / stage["teacher"]).resolve() == teacher.resolve()
+    assert stage["teacher_sha256"] == hashlib.sha256(b"a released model").hexdigest()
+
+    rng = np.random.default_rng(0)
+    plain = train.Sampler(cases[:2], task, rng, train.NO_AUGMENTATION)
+    taught = train.Sampler(cases[:2], task, rng, train.NO_AUGMENTATION, teachers=teacher_maps[:2])
+    assert np.array_equal(plain.class_weight, taught.class_weight)
+    larynx = names.index("Larynx")
+    assert not plain.items[0][2][larynx] and taught.items[0][2][larynx]
+    assert (taught.items[0][1][10:20, 20:26, 20:26] == larynx + 1).all()
+
+    teacher.write_bytes(b"another model")
+    monkeypatch.setattr("sys.argv", common)
+    with pytest.raises(SystemExit, match="not the teacher"):
         train.main()

@@ -13,6 +13,7 @@ from training.context import one_hot_context
 from training.augment import NO_AUGMENTATION, AugmentConfig, Patch, augment_intensity, cut_patch, known_slices, mirror_lr
 from training.data import OPENKBP_ROIS, Case
 from training.metrics import dice, hd95, restrict_to_slices, surface_dice
+from training.pseudo import with_teacher_labels
 from training.tasks import TASKS, reference_mask
 
 
@@ -230,3 +231,38 @@ def test_cache_made_in_parallel_equals_the_serial_resampling(shared_data, tmp_pa
     ref = resample_case(load_openkbp(src[1]), (3.0, 4.0, 4.0))
     for c in (made[1], again[1]):
         assert np.array_equal(c.ct, ref.ct) and np.array_equal(c.masks, ref.masks)
+
+
+def test_teacher_labels_fill_only_the_organs_a_patient_lacks():
+    """training.pseudo: a missing organ takes the teacher's voxels that no clinician's reference
+    claims; present references are untouched; an organ the teacher does not find stays unknown."""
+    case = _case()  # lacks Brainstem, Larynx and Mandible
+    task = TASKS["hn_oar"]
+    names = [n for n, _ in task.outputs]
+    label = {n: names.index(n) + 1 for n in names}
+    refs = task.references(case)
+    teacher = np.zeros(case.ct.shape, np.uint8)
+    teacher[30:36, 10:14, 20:24] = label["Brainstem"]
+    teacher[12:16, 30:33, 20:23] = label["Larynx"]  # inside the clinician's cord: the cord wins
+    teacher[13:15, 5:8, 5:8] = label["Larynx"]
+    teacher[10:20, 25:28, 22:25] = label["SpinalCord"]  # disagrees with the clinician's esophagus: ignored
+    out = with_teacher_labels(refs, teacher, task)
+
+    for i, ref in enumerate(refs):
+        if ref is not None:
+            assert out[i] is ref
+    assert np.array_equal(out[names.index("Brainstem")], teacher == label["Brainstem"])
+    larynx = out[names.index("Larynx")]
+    assert larynx.sum() == 2 * 3 * 3 and not (larynx & refs[names.index("SpinalCord")]).any()
+    assert out[names.index("Bone_Mandible")] is None
+    lab, known = task.targets(case, out)
+    assert (lab[10:20, 25:28, 22:25] == label["Esophagus"]).all()
+    assert known[names.index("Larynx")] and not known[names.index("Bone_Mandible")]
+    kz = task.known_slices(case, out)
+    assert np.flatnonzero(kz[names.index("Brainstem")]).tolist() == list(range(30, 36))  # partial-length
+    assert kz[names.index("Larynx")].all()  # a whole organ: the teacher's background is learnt too
+
+    with pytest.raises(ValueError, match="softmax"):
+        with_teacher_labels(TASKS["hn_target"].references(case), teacher, TASKS["hn_target"])
+    with pytest.raises(ValueError, match="grid"):
+        with_teacher_labels(refs, teacher[:-1], task)

@@ -22,22 +22,32 @@ from training.tasks import TASKS, Task
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["context_labels", "one_hot_context"]
+__all__ = ["context_labels", "model_label_maps", "one_hot_context"]
 
 
 def context_labels(cases: list[Case], task: Task, model_ts: Path, cache_dir: Path) -> list[np.ndarray]:
     """uint8 label map (0 = background, i = the context task's output i) per case, from the
     context task's released TorchScript model ``model_ts``; cached per model file."""
+    ctx = TASKS[task.context]
+    if ctx.kind != "softmax" or tuple(ctx.spacing_zyx) != tuple(task.spacing_zyx):
+        raise ValueError(f"{task.name}: context {ctx.name} must be a softmax model on the same grid")
+    return model_label_maps(cases, ctx, model_ts, cache_dir)
+
+
+def model_label_maps(cases: list[Case], source: Task, model_ts: Path, cache_dir: Path) -> list[np.ndarray]:
+    """uint8 label map (argmax of the softmax, 0 = background) of the softmax task ``source``'s
+    TorchScript model ``model_ts`` over each case (already on ``source``'s grid), cached on disk
+    under ``cache_dir/context/<task>-<hash of the model file>/``.  Used for context channels and
+    for teacher labels (``training.pseudo``)."""
     import torch  # the training venv's; one_hot_context stays importable without it
     from monai.inferers import sliding_window_inference
 
     from training.train import normalise
 
-    ctx = TASKS[task.context]
-    if ctx.kind != "softmax" or tuple(ctx.spacing_zyx) != tuple(task.spacing_zyx):
-        raise ValueError(f"{task.name}: context {ctx.name} must be a softmax model on the same grid")
+    if source.kind != "softmax":
+        raise ValueError(f"{source.name}: label maps come from a softmax model")
     digest = hashlib.sha256(Path(model_ts).read_bytes()).hexdigest()[:12]
-    cdir = cache_dir / "context" / f"{ctx.name}-{digest}"
+    cdir = cache_dir / "context" / f"{source.name}-{digest}"
     cdir.mkdir(parents=True, exist_ok=True)
     net = None
     out = []
@@ -46,10 +56,10 @@ def context_labels(cases: list[Case], task: Task, model_ts: Path, cache_dir: Pat
         if not path.exists():
             if net is None:
                 net = torch.jit.load(str(model_ts), map_location="cpu").eval()
-                logger.info("context: running %s over the patients without a cached label map", model_ts)
+                logger.info("running %s over the patients without a cached label map", model_ts)
             with torch.inference_mode():
-                x = torch.from_numpy(normalise(c.ct, ctx))[None, None]
-                logits = sliding_window_inference(x, ctx.patch_zyx, 1, net, overlap=0.25, mode="gaussian")[0]
+                x = torch.from_numpy(normalise(c.ct, source))[None, None]
+                logits = sliding_window_inference(x, source.patch_zyx, 1, net, overlap=0.25, mode="gaussian")[0]
             lab = logits.argmax(0).numpy().astype(np.uint8)
             tmp = path.with_suffix(f".{os.getpid()}.tmp.npy")
             np.save(tmp, lab)

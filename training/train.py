@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import hashlib
 import json
 import logging
 import os
@@ -45,8 +46,9 @@ from monai.inferers import sliding_window_inference
 
 from training import networks
 from training.augment import NO_AUGMENTATION, AugmentConfig, augment_intensity, cut_patch, mirror_lr
-from training.context import context_labels, one_hot_context
+from training.context import context_labels, model_label_maps, one_hot_context
 from training.data import Case, cached_cases
+from training.pseudo import with_teacher_labels
 from training.tasks import TASKS, Task
 
 logger = logging.getLogger("training.train")
@@ -89,23 +91,30 @@ class Sampler:
     for all of them.  Each patch goes through ``training.augment`` (rotation, scaling,
     left-right mirroring with the laterality pairs swapped, intensity transforms) and
     carries its per-slice "known" flags (partial-length organs, missing structures).
+    With ``teachers`` (one label map per case, ``training.pseudo``) the organs a patient
+    lacks are filled from a teacher model's labels.
     A task with a context model (``Task.context``) gets that model's label map per case
     (``contexts``), cut and mirrored with the patch and appended as one-hot channels.
     """
 
     def __init__(
         self, cases: list[Case], task: Task, rng: np.random.Generator, cfg: AugmentConfig,
-        contexts: list[np.ndarray] | None = None,
+        contexts: list[np.ndarray] | None = None, teachers: list[np.ndarray] | None = None,
     ):
         self.task, self.rng, self.cfg = task, rng, cfg
         self.items = []
         self.contexts = contexts if contexts is not None else [None] * len(cases)
         self.context_swap = TASKS[task.context].mirror_pairs if task.context else ()
-        for c in cases:
+        clinician_known = []
+        for n, c in enumerate(cases):
             refs = task.references(c)  # once per patient, for both the targets and the known slices
+            clinician_known.append([r is not None for r in refs])
+            if teachers is not None:  # organs the clinician left out, from a teacher model (training/pseudo.py)
+                refs = with_teacher_labels(refs, teachers[n], task)
             tgt, known = task.targets(c, refs)
             self.items.append((normalise(c.ct, task), tgt, known, task.known_slices(c, refs)))
-        self.class_weight = 1.0 / np.maximum(np.mean([k for _, _, k, _ in self.items], axis=0), 1e-3)
+        # weights from the clinicians' references: teacher-filled organs add patches, take none away
+        self.class_weight = 1.0 / np.maximum(np.mean(clinician_known, axis=0), 1e-3)
 
     def sample(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         n = self.rng.integers(len(self.items))
@@ -363,7 +372,7 @@ def training_precision(device: torch.device, choice: str = "auto") -> str:
 # What a stage of training is: stored in its checkpoint, so that resuming (make train, a new
 # machine, a GPU) continues the same schedule without repeating the options.
 STAGE_KEYS = ("iterations", "batch", "lr", "warmup", "seed", "recall_weight", "init", "augment", "context_model",
-              "network", "channels", "widen_noise", "patch")
+              "network", "channels", "widen_noise", "patch", "teacher")
 
 
 def main() -> None:
@@ -406,6 +415,9 @@ def main() -> None:
     ap.add_argument("--precision", choices=("auto", "fp32", "bf16", "fp16"), default="auto",
                     help="forward pass: auto = fp16 on a CUDA GPU, bf16 on a CPU with native bfloat16, else fp32 "
                          "(a property of the machine, not of the stage: not recorded in it)")
+    ap.add_argument("--teacher", type=Path, metavar="MODEL_TS",
+                    help="new stage, softmax tasks: fill the organs a training patient lacks from this model's label "
+                         "map (training/pseudo.py; the held-out patients keep their own references; recorded)")
     ap.add_argument("--reschedule", type=int, metavar="N",
                     help="resume with the stage's poly schedule ending at iteration N instead (recorded in the stage)")
     args = ap.parse_args()
@@ -423,6 +435,8 @@ def main() -> None:
         stage["context_model"] = str(args.context_model or Path("models") / task.context / "model.ts")
     stage["augment"] = not args.no_augment
     stage["extra_data"] = [_repo_relative(p) for p in args.extra_data]
+    stage["teacher"] = _repo_relative(args.teacher) if args.teacher else None
+    stage["teacher_sha256"] = hashlib.sha256(args.teacher.read_bytes()).hexdigest() if args.teacher else None
     it, best, history = 0, -1.0, []
     ck = None
     if state_path.exists() and not args.new_stage:
@@ -470,9 +484,17 @@ def main() -> None:
         ctx_model = ROOT / stage["context_model"]
         contexts = context_labels(train_cases, task, ctx_model, ROOT / "training/cache")
         hold_contexts = context_labels(hold_cases, task, ctx_model, ROOT / "training/cache")
+    teachers = None
+    if stage.get("teacher"):
+        if task.kind != "softmax":
+            raise SystemExit(f"--teacher: {task.name} is not a softmax task; teacher labels fill missing organs")
+        teacher = ROOT / stage["teacher"]
+        if not teacher.exists() or hashlib.sha256(teacher.read_bytes()).hexdigest() != stage["teacher_sha256"]:
+            raise SystemExit(f"{teacher}: missing or not the teacher this stage was started with; restore that file")
+        teachers = model_label_maps(train_cases, task, teacher, ROOT / "training/cache")
     # The sampler's stream is re-seeded from (seed, iteration): a resumed run is repeatable.
     cfg = AugmentConfig() if stage["augment"] else NO_AUGMENTATION
-    sampler = Sampler(train_cases, task, np.random.default_rng([stage["seed"], it]), cfg, contexts)
+    sampler = Sampler(train_cases, task, np.random.default_rng([stage["seed"], it]), cfg, contexts, teachers)
     del cases, train_cases  # the sampler holds what it needs (normalised image, uint8 targets)
     if task.kind == "softmax":
         def head_loss(lg, y, k):
