@@ -459,3 +459,28 @@ def test_a_teacher_stage_fills_missing_organs_of_the_training_patients_only(tmp_
     monkeypatch.setattr("sys.argv", common)
     with pytest.raises(SystemExit, match="not the teacher"):
         train.main()
+
+
+def test_the_stage_chooses_its_optimizer_and_elastic_deformation(tmp_path, monkeypatch):
+    """``--optimizer sgd`` is nnU-Net's SGD (Nesterov, momentum 0.99); ``--elastic P`` reaches the
+    sampler's augmentation; both are recorded in the stage, and stages before them stay AdamW
+    without elastic deformation."""
+    from training import train
+
+    net = torch.nn.Conv3d(1, 1, 1)
+    sgd = train.make_optimizer(net, {"lr": 1e-2, "optimizer": "sgd"})
+    assert isinstance(sgd, torch.optim.SGD) and sgd.defaults["momentum"] == 0.99 and sgd.defaults["nesterov"]
+    assert isinstance(train.make_optimizer(net, {"lr": 1e-3}), torch.optim.AdamW)  # a stage saved before
+
+    cases = [_synthetic_case(f"pt_{i}", i) for i in range(3)]
+    monkeypatch.setattr(train, "cached_cases", lambda *a, **k: list(cases))
+    seen = []
+    real_cut = train.cut_patch
+    monkeypatch.setattr(train, "cut_patch", lambda *a, **k: seen.append(a[6].p_elastic) or real_cut(*a, **k))
+    monkeypatch.setattr("sys.argv", ["train", "--task", "hn_oar", "--data", str(tmp_path), "--checkpoints",
+                                     str(tmp_path / "ck"), "--holdout", "1", "--batch", "1", "--channels",
+                                     *map(str, WIDTHS), "--new-stage", "--iterations", "1", "--warmup", "1",
+                                     "--lr", "1e-2", "--optimizer", "sgd", "--elastic", "0.2"])
+    train.main()
+    stage = torch.load(tmp_path / "ck/hn_oar/state.pt", weights_only=False)["stage"]
+    assert stage["optimizer"] == "sgd" and stage["elastic"] == 0.2 and seen == [0.2]

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from scipy import ndimage
 
 from training.context import one_hot_context
 from training.augment import NO_AUGMENTATION, AugmentConfig, Patch, augment_intensity, cut_patch, known_slices, mirror_lr
@@ -132,6 +133,32 @@ def test_rotated_scaled_patch_keeps_geometry():
     # source slices 20..40 map to output slices 20 +- 10 / 1.25 = 12..28
     known = np.flatnonzero(p.known_z[0])
     assert known[0] == 12 and known[-1] == 28
+
+
+def test_elastic_deformation_moves_voxels_within_their_slice():
+    """``p_elastic``: a smooth in-plane displacement.  Each output slice still samples one source
+    slice (the image below holds its slice number), so the known flags stay those of the exact
+    crop; the labels move, smoothly (the ball stays one piece); off, no random draw
+    is taken, so stages without it keep their patch streams."""
+    shape = (40, 64, 64)
+    img = np.broadcast_to(np.arange(1, 41, dtype=np.float32)[:, None, None], shape).copy()
+    lab = _ball(shape, (20, 32, 32), 12, (1.0, 1.0, 1.0)).astype(np.int64)
+    kz = np.zeros((1, 40), bool)
+    kz[0, 10:30] = True
+    centre, size = np.array([20, 32, 32]), (25, 49, 49)  # odd: the affine path samples the exact crop's voxels
+    exact = cut_patch(img, lab, kz, centre, size, np.random.default_rng(0), NO_AUGMENTATION)
+    cfg = AugmentConfig(p_rotation=0, p_scale=0, p_elastic=1.0, elastic_alpha=(900.0, 900.0), elastic_sigma=(9.0, 9.0))
+    moved = cut_patch(img, lab, kz, centre, size, np.random.default_rng(0), cfg)
+    for z in range(size[0]):
+        inside = moved.image[z][moved.image[z] > 0]
+        assert np.allclose(inside, exact.image[z, 0, 0])  # one source slice per output slice
+    assert np.array_equal(moved.known_z, exact.known_z)
+    changed = (moved.target != exact.target).sum()
+    assert changed > 100 and 0.5 < moved.target.sum() / exact.target.sum() < 1.5  # alpha 900: a strong warp
+    assert ndimage.label(moved.target)[1] == 1  # smooth: the ball stays one piece
+    rng = np.random.default_rng(5)
+    cut_patch(img, lab, kz, centre, size, rng, AugmentConfig(p_rotation=0, p_scale=0))
+    assert rng.random() == pytest.approx(np.random.default_rng(5).random(size=3)[2])  # two draws, not three
 
 
 def test_context_label_map_is_cut_and_mirrored_with_the_patch():

@@ -6,7 +6,8 @@ voxels, not a transform of the whole volume:
 
 * spatial: rotation in the axial plane (the CT's own slices, so every output slice
   still lies at one source z and per-slice "known" flags stay exact) and isotropic
-  scaling, each with probability ``p_rotation`` / ``p_scale`` (nnU-Net: 0.2 each);
+  scaling, each with probability ``p_rotation`` / ``p_scale`` (nnU-Net: 0.2 each), and,
+  when ``p_elastic`` is set, elastic deformation in the same plane;
 * left-right mirroring (probability 0.5) with the laterality pairs swapped
   (``Parotid_L`` <-> ``Parotid_R``): a mirrored left parotid is a right parotid;
 * intensity, on the normalised image: Gaussian noise, Gaussian blur, multiplicative
@@ -49,6 +50,11 @@ class AugmentConfig:
     p_gamma: float = 0.3
     p_gamma_inverted: float = 0.1
     gamma: tuple[float, float] = (0.7, 1.5)
+    # elastic deformation in the axial plane (``--elastic P``); off by default, as in nnU-Net
+    # v2 (v1 used p 0.2 with these ranges, in output voxels)
+    p_elastic: float = 0.0
+    elastic_alpha: tuple[float, float] = (0.0, 900.0)
+    elastic_sigma: tuple[float, float] = (9.0, 13.0)
 
 
 NO_AUGMENTATION = AugmentConfig(
@@ -112,7 +118,8 @@ def cut_patch(
     p = np.array(patch)
     rotate = rng.random() < cfg.p_rotation
     scale = rng.random() < cfg.p_scale
-    if not rotate and not scale:
+    elastic = cfg.p_elastic > 0 and rng.random() < cfg.p_elastic  # no draw when off: older stages' streams
+    if not rotate and not scale and not elastic:
         start = np.asarray(centre) - p // 2
         kz = np.zeros((known_z.shape[0], p[0]), bool)
         z0, z1 = max(start[0], 0), min(start[0] + p[0], known_z.shape[1])
@@ -132,6 +139,11 @@ def cut_patch(
     coords[0] = zsrc[:, None, None]
     coords[1] = ysrc[None]
     coords[2] = xsrc[None]
+    if elastic:  # a smooth random in-plane displacement (nnU-Net v1's): each output slice stays at one source z
+        alpha, sigma = rng.uniform(*cfg.elastic_alpha), rng.uniform(*cfg.elastic_sigma)
+        for ax in (1, 2):
+            noise = rng.uniform(-1.0, 1.0, tuple(p)).astype(np.float32)
+            coords[ax] += s * alpha * ndimage.gaussian_filter(noise, sigma, mode="constant", cval=0.0)
     img = ndimage.map_coordinates(image, coords, order=1, mode="constant", cval=0.0, prefilter=False)
     if target.ndim == 3:
         tgt = ndimage.map_coordinates(target, coords, order=0, mode="constant", cval=0)

@@ -369,10 +369,18 @@ def training_precision(device: torch.device, choice: str = "auto") -> str:
     return "bf16" if cpu_has_native_bf16() else "fp32"
 
 
+def make_optimizer(net: torch.nn.Module, stage: dict) -> torch.optim.Optimizer:
+    """The stage's optimiser: AdamW (weight decay 1e-4, every stage before ``--optimizer``) or
+    nnU-Net's SGD (Nesterov momentum 0.99, weight decay 3e-5); the schedule sets its rate."""
+    if stage.get("optimizer", "adamw") == "sgd":
+        return torch.optim.SGD(net.parameters(), lr=stage["lr"], momentum=0.99, nesterov=True, weight_decay=3e-5)
+    return torch.optim.AdamW(net.parameters(), lr=stage["lr"], weight_decay=1e-4)
+
+
 # What a stage of training is: stored in its checkpoint, so that resuming (make train, a new
 # machine, a GPU) continues the same schedule without repeating the options.
 STAGE_KEYS = ("iterations", "batch", "lr", "warmup", "seed", "recall_weight", "init", "augment", "context_model",
-              "network", "channels", "widen_noise", "patch", "teacher")
+              "network", "channels", "widen_noise", "patch", "teacher", "elastic", "optimizer")
 
 
 def main() -> None:
@@ -418,6 +426,12 @@ def main() -> None:
     ap.add_argument("--teacher", type=Path, metavar="MODEL_TS",
                     help="new stage, softmax tasks: fill the organs a training patient lacks from this model's label "
                          "map (training/pseudo.py; the held-out patients keep their own references; recorded)")
+    ap.add_argument("--elastic", type=float, metavar="P",
+                    help="new stage: elastic deformation in the axial plane with probability P (nnU-Net v1: 0.2; "
+                         "off by default, as in nnU-Net v2); recorded")
+    ap.add_argument("--optimizer", choices=("adamw", "sgd"), default="adamw",
+                    help="new stage: AdamW (default) or nnU-Net's SGD with Nesterov momentum 0.99 (nnU-Net's peak "
+                         "rate is 1e-2); recorded")
     ap.add_argument("--reschedule", type=int, metavar="N",
                     help="resume with the stage's poly schedule ending at iteration N instead (recorded in the stage)")
     args = ap.parse_args()
@@ -468,7 +482,7 @@ def main() -> None:
             logger.info("new stage from %s: %s", args.init, stage)
         else:
             logger.info("new stage from scratch: %s", stage)
-    opt = torch.optim.AdamW(net.parameters(), lr=stage["lr"], weight_decay=1e-4)
+    opt = make_optimizer(net, stage)
     if ck is not None and ck.get("opt") is not None:
         opt.load_state_dict(_cast(ck["opt"], torch.float32))
 
@@ -493,7 +507,7 @@ def main() -> None:
             raise SystemExit(f"{teacher}: missing or not the teacher this stage was started with; restore that file")
         teachers = model_label_maps(train_cases, task, teacher, ROOT / "training/cache")
     # The sampler's stream is re-seeded from (seed, iteration): a resumed run is repeatable.
-    cfg = AugmentConfig() if stage["augment"] else NO_AUGMENTATION
+    cfg = AugmentConfig(p_elastic=stage.get("elastic") or 0.0) if stage["augment"] else NO_AUGMENTATION
     sampler = Sampler(train_cases, task, np.random.default_rng([stage["seed"], it]), cfg, contexts, teachers)
     del cases, train_cases  # the sampler holds what it needs (normalised image, uint8 targets)
     if task.kind == "softmax":
