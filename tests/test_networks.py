@@ -459,6 +459,9 @@ def test_a_teacher_stage_fills_missing_organs_of_the_training_patients_only(tmp_
     monkeypatch.setattr("sys.argv", common)
     with pytest.raises(SystemExit, match="not the teacher"):
         train.main()
+    monkeypatch.setattr("sys.argv", common + ["--new-stage", "--teacher", str(tmp_path / "missing.ts")])
+    with pytest.raises(SystemExit, match="no such file"):
+        train.main()
 
 
 def test_the_stage_chooses_its_optimizer_and_elastic_deformation(tmp_path, monkeypatch):
@@ -484,3 +487,6 @@ def test_the_stage_chooses_its_optimizer_and_elastic_deformation(tmp_path, monke
     train.main()
     stage = torch.load(tmp_path / "ck/hn_oar/state.pt", weights_only=False)["stage"]
     assert stage["optimizer"] == "sgd" and stage["elastic"] == 0.2 and seen == [0.2]
+    monkeypatch.setattr("sys.argv", ["train", "--task", "hn_oar", "--new-stage", "--elastic", "0.2", "--no-augment"])
+    with pytest.raises(SystemExit, match="--no-augment"):
+        train.main()

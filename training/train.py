@@ -23,7 +23,9 @@ number) are held out for checkpoint selection, scored on the slices where each s
 is known (partial-length organs on their reference's slices only); the OpenKBP
 ``validation`` set is not seen here (``training/evaluate.py`` measures it on the
 exported ONNX model) unless a stage asks for it with ``--extra-data``, once validation has
-fixed the recipe (training/README.md, "Training on train + validation").
+fixed the recipe (training/README.md, "Training on train + validation").  Measured and not
+kept, but available as stage settings: ``--teacher`` (missing organs filled from a model's
+labels, ``training.pseudo``), ``--elastic`` and ``--optimizer sgd`` (training/README.md).
 """
 
 from __future__ import annotations
@@ -435,6 +437,10 @@ def main() -> None:
     ap.add_argument("--reschedule", type=int, metavar="N",
                     help="resume with the stage's poly schedule ending at iteration N instead (recorded in the stage)")
     args = ap.parse_args()
+    if args.teacher and not args.teacher.is_file():
+        raise SystemExit(f"--teacher {args.teacher}: no such file; give a released model.ts (models/<task>/model.ts)")
+    if args.elastic and args.no_augment:
+        raise SystemExit("--elastic with --no-augment: elastic deformation is part of the augmentation; drop one")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     torch.set_num_threads(args.threads)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
