@@ -462,6 +462,9 @@ def test_a_teacher_stage_fills_missing_organs_of_the_training_patients_only(tmp_
     monkeypatch.setattr("sys.argv", common + ["--new-stage", "--teacher", str(tmp_path / "missing.ts")])
     with pytest.raises(SystemExit, match="no such file"):
         train.main()
+    monkeypatch.setattr("sys.argv", ["train", "--task", "hn_target", "--new-stage", "--teacher", str(teacher)])
+    with pytest.raises(SystemExit, match="not a softmax task"):
+        train.main()
 
 
 def test_the_stage_chooses_its_optimizer_and_elastic_deformation(tmp_path, monkeypatch):

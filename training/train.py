@@ -439,6 +439,8 @@ def main() -> None:
     args = ap.parse_args()
     if args.teacher and not args.teacher.is_file():
         raise SystemExit(f"--teacher {args.teacher}: no such file; give a released model.ts (models/<task>/model.ts)")
+    if args.teacher and TASKS[args.task].kind != "softmax":
+        raise SystemExit(f"--teacher: {args.task} is not a softmax task; teacher labels fill missing organs")
     if args.elastic and args.no_augment:
         raise SystemExit("--elastic with --no-augment: elastic deformation is part of the augmentation; drop one")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
@@ -506,8 +508,6 @@ def main() -> None:
         hold_contexts = context_labels(hold_cases, task, ctx_model, ROOT / "training/cache")
     teachers = None
     if stage.get("teacher"):
-        if task.kind != "softmax":
-            raise SystemExit(f"--teacher: {task.name} is not a softmax task; teacher labels fill missing organs")
         teacher = ROOT / stage["teacher"]
         if not teacher.exists() or hashlib.sha256(teacher.read_bytes()).hexdigest() != stage["teacher_sha256"]:
             raise SystemExit(f"{teacher}: missing or not the teacher this stage was started with; restore that file")
