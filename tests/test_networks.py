@@ -316,7 +316,10 @@ def test_the_forward_pass_precision_follows_the_machine(tmp_path, monkeypatch):
     assert not train.cpu_has_native_bf16(tmp_path / "missing")  # unreadable: the safe fp32
 
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
-    assert train.training_precision(cuda) == "fp16"
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: not including_emulation)
+    assert train.training_precision(cuda) == "bf16"  # A100 / H100 / H200: bfloat16 in hardware
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: False)
+    assert train.training_precision(cuda) == "fp16"  # older GPUs: float16, with the gradients scaled
     assert train.training_precision(cpu, "fp32") == "fp32" and train.training_precision(cuda, "bf16") == "bf16"
     monkeypatch.setattr(train, "cpu_has_native_bf16", lambda: True)
     assert train.training_precision(cpu) == "bf16"
@@ -492,4 +495,68 @@ def test_the_stage_chooses_its_optimizer_and_elastic_deformation(tmp_path, monke
     assert stage["optimizer"] == "sgd" and stage["elastic"] == 0.2 and seen == [0.2]
     monkeypatch.setattr("sys.argv", ["train", "--task", "hn_oar", "--new-stage", "--elastic", "0.2", "--no-augment"])
     with pytest.raises(SystemExit, match="--no-augment"):
+        train.main()
+
+
+def _sampler(seed: int = 0):
+    from training.augment import AugmentConfig
+    from training.train import Sampler
+
+    cases = [_synthetic_case(f"pt_{i}", i) for i in range(2)]
+    return Sampler(cases, TASKS["hn_oar"], np.random.default_rng([seed, 0]), AugmentConfig())
+
+
+def _same_batches(a, b) -> bool:
+    return len(a) == len(b) and all(all(torch.equal(u, v) for u, v in zip(p, q)) for p, q in zip(a, b))
+
+
+def test_the_patch_stream_is_the_same_with_any_number_of_workers_and_after_a_resume(caplog):
+    """Batch i of a per-iteration stream comes from (seed, i): worker processes draw the same
+    batches in the same order, and a stage resumed at iteration 2 continues the same stream.
+    A sequential stream (the stages before it) stays the sampler's own, in the training process."""
+    from training.loader import batches
+
+    stage = {"batch": 2, "seed": 7, "stream": "per-iteration"}
+    sampler = _sampler()
+    alone = list(batches(sampler, stage, 0, 4, workers=0))
+    assert [tuple(t.shape) for t in alone[0]] == [(2, 1, 64, 80, 80), (2, 64, 80, 80), (2, 7, 64)]  # 7 organs
+    assert not torch.equal(alone[0][0], alone[1][0])  # each batch its own patches
+    assert _same_batches(list(batches(sampler, stage, 0, 4, workers=2)), alone)
+    assert _same_batches(list(batches(sampler, stage, 2, 4, workers=0)), alone[2:])
+    assert not _same_batches(list(batches(sampler, {**stage, "seed": 8}, 0, 4)), alone)
+
+    old = {"batch": 2, "seed": 7}  # saved before the key: the sampler's sequential stream
+    expected = [tuple(torch.from_numpy(np.stack(a)) for a in zip(*[s_.sample() for _ in range(2)]))
+                for s_ in [_sampler(1)] for _ in range(3)]
+    with caplog.at_level("INFO", logger="training.loader"):
+        assert _same_batches(list(batches(_sampler(1), old, 0, 3, workers=2)), expected)
+    assert "not used" in caplog.text
+    with pytest.raises(ValueError, match="stream 'shuffled'"):
+        next(batches(sampler, {**stage, "stream": "shuffled"}, 0, 1))
+
+
+def test_a_stage_trains_the_same_weights_with_and_without_worker_processes(tmp_path, monkeypatch):
+    """--workers changes who draws the patches, not which: two new stages alike but for it end
+    with the same weights; the stage records its stream, and fp16 (scaled gradients) trains too."""
+    from training import train
+
+    cases = [_synthetic_case(f"pt_{i}", i) for i in range(3)]
+    monkeypatch.setattr(train, "cached_cases", lambda *a, **k: list(cases))
+
+    def run(name, *extra):
+        monkeypatch.setattr("sys.argv", ["train", "--task", "hn_oar", "--data", str(tmp_path), "--checkpoints",
+                                         str(tmp_path / name), "--holdout", "1", "--batch", "1", "--channels",
+                                         *map(str, WIDTHS), "--new-stage", "--iterations", "2", "--warmup", "1",
+                                         "--lr", "1e-3", "--patch", *map(str, PATCH), *extra])
+        train.main()
+        return torch.load(tmp_path / name / "hn_oar/state.pt", weights_only=False)
+
+    alone, workers = run("alone", "--workers", "0"), run("workers", "--workers", "2")
+    assert alone["stage"]["stream"] == "per-iteration" and alone["iteration"] == 2
+    assert all(torch.equal(alone["model"][k], workers["model"][k]) for k in alone["model"])
+    half = run("fp16", "--workers", "0", "--precision", "fp16")
+    assert all(torch.isfinite(v.float()).all() for v in half["model"].values())
+    assert any(not torch.equal(alone["model"][k], half["model"][k]) for k in alone["model"])
+    monkeypatch.setattr("sys.argv", ["train", "--task", "hn_oar", "--workers", "-1"])
+    with pytest.raises(SystemExit, match="--workers -1"):
         train.main()

@@ -17,8 +17,9 @@ Its state lives in ``training/checkpoints/<task>/`` and is committed to the repo
 * ``history.json``: the learning curve (per-structure held-out Dice by iteration).
 
 ``--new-stage`` starts a new one (``--init`` warm-starts it from a released model.ts).
-The patch sampler is re-seeded from (seed, iteration), so a resumed stage draws the same
-patches as an uninterrupted one would.  The last ``--holdout`` train patients (by patient
+Batch i of a stage is drawn from (seed, i) (``training.loader``; stages before 2026-12-05
+re-seed one sequential stream at each start), so a resumed stage draws the same patches as an
+uninterrupted one would, with any number of ``--workers`` processes drawing them.  The last ``--holdout`` train patients (by patient
 number) are held out for checkpoint selection, scored on the slices where each structure
 is known (partial-length organs on their reference's slices only); the OpenKBP
 ``validation`` set is not seen here (``training/evaluate.py`` measures it on the
@@ -50,6 +51,7 @@ from training import networks
 from training.augment import NO_AUGMENTATION, AugmentConfig, augment_intensity, cut_patch, mirror_lr
 from training.context import context_labels, model_label_maps, one_hot_context
 from training.data import Case, cached_cases
+from training.loader import STREAMS, batches, default_workers
 from training.pseudo import with_teacher_labels
 from training.tasks import TASKS, Task
 
@@ -118,25 +120,28 @@ class Sampler:
         # weights from the clinicians' references: teacher-filled organs add patches, take none away
         self.class_weight = 1.0 / np.maximum(np.mean(clinician_known, axis=0), 1e-3)
 
-    def sample(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        n = self.rng.integers(len(self.items))
+    def sample(self, rng: np.random.Generator | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """One patch: (input channels, target, per-slice known flags), drawn from ``rng`` (default the
+        sampler's own sequential stream; ``training.loader`` passes one generator per batch)."""
+        rng = rng if rng is not None else self.rng
+        n = rng.integers(len(self.items))
         img, tgt, known, known_z = self.items[n]
         p = np.array(self.task.patch_zyx)
         centre = None
-        if self.rng.random() < 0.67:
+        if rng.random() < 0.67:
             chans = np.flatnonzero(known)
             w = self.class_weight[chans]
-            ch = self.rng.choice(chans, p=w / w.sum())
+            ch = rng.choice(chans, p=w / w.sum())
             fg = np.argwhere(tgt == ch + 1) if self.task.kind == "softmax" else np.argwhere(tgt[ch] > 0)
             if len(fg):
-                centre = fg[self.rng.integers(len(fg))]
+                centre = fg[rng.integers(len(fg))]
         if centre is None:
-            centre = np.array([self.rng.integers(s) for s in img.shape])
-        centre = centre + self.rng.integers(-p // 4, p // 4 + 1)
-        patch = cut_patch(img, tgt, known_z, centre, self.task.patch_zyx, self.rng, self.cfg, self.contexts[n])
-        if self.rng.random() < self.cfg.p_mirror:  # every task: lateral pairs swap, the rest just flips
+            centre = np.array([rng.integers(s) for s in img.shape])
+        centre = centre + rng.integers(-p // 4, p // 4 + 1)
+        patch = cut_patch(img, tgt, known_z, centre, self.task.patch_zyx, rng, self.cfg, self.contexts[n])
+        if rng.random() < self.cfg.p_mirror:  # every task: lateral pairs swap, the rest just flips
             patch = mirror_lr(patch, self.task.mirror_pairs, self.task.kind == "softmax", self.context_swap)
-        x = augment_intensity(patch.image, self.rng, self.cfg)[None]
+        x = augment_intensity(patch.image, rng, self.cfg)[None]
         if patch.context is not None:
             x = np.concatenate([x, one_hot_context(patch.context, self.task.context_labels)])
         return x, patch.target, patch.known_z
@@ -228,8 +233,10 @@ def holdout_dice(
     net: torch.nn.Module, cases: list[Case], task: Task, contexts: list[np.ndarray] | None = None
 ) -> list[float]:
     """Mean Dice per output over the holdout cases, on the slices where the output is known
-    (partial-length organs on their reference's slices only)."""
+    (partial-length organs on their reference's slices only).  The windows run in float32 on
+    the network's device (a GPU's, while training there), the blending on the CPU."""
     net.eval()
+    device = next(net.parameters()).device
     scores: list[list[float]] = [[] for _ in task.outputs]
     contexts = contexts if contexts is not None else [None] * len(cases)
     with torch.inference_mode():
@@ -238,7 +245,8 @@ def holdout_dice(
             tgt, known = task.targets(c, refs)
             kz = task.known_slices(c, refs)
             x = torch.from_numpy(network_input(c, task, ctx))[None]
-            out = sliding_window_inference(x, task.patch_zyx, 1, net, overlap=0.25, mode="gaussian")[0]
+            out = sliding_window_inference(x, task.patch_zyx, 1, net, overlap=0.25, mode="gaussian",
+                                           sw_device=device, device="cpu")[0]
             if task.kind == "softmax":
                 pred = out.argmax(0).numpy()
                 masks = [(pred == i + 1, tgt == i + 1) for i in range(len(task.outputs))]
@@ -359,15 +367,16 @@ def cpu_has_native_bf16(cpuinfo: Path = Path("/proc/cpuinfo")) -> bool:
 
 
 def training_precision(device: torch.device, choice: str = "auto") -> str:
-    """The forward pass's precision: ``choice``, or for ``auto`` fp16 autocast on a CUDA GPU,
-    bf16 autocast on a CPU with native bfloat16, fp32 otherwise.  Measured (training/README.md):
+    """The forward pass's precision: ``choice``, or for ``auto`` on a CUDA GPU bf16 autocast where
+    it has native bfloat16 (compute capability 8 and up) and fp16 autocast with gradient scaling
+    elsewhere, on a CPU bf16 autocast where it has native bfloat16, fp32 otherwise.  Measured (training/README.md):
     on an AVX2-only AMD EPYC bf16 autocast is emulated and ran 13x *slower* than fp32; on a
     Zen 5 EPYC with AVX-512 BF16 it ran 1.3-1.6x faster per iteration.  Weights, optimiser,
     loss, held-out scoring and export stay fp32 whichever is chosen."""
     if choice != "auto":
         return choice
-    if device.type == "cuda":
-        return "fp16"
+    if device.type == "cuda":  # bfloat16 where the GPU has it (A100, H100, H200): fp32's range, no scaling
+        return "bf16" if torch.cuda.is_bf16_supported(including_emulation=False) else "fp16"
     return "bf16" if cpu_has_native_bf16() else "fp32"
 
 
@@ -382,7 +391,7 @@ def make_optimizer(net: torch.nn.Module, stage: dict) -> torch.optim.Optimizer:
 # What a stage of training is: stored in its checkpoint, so that resuming (make train, a new
 # machine, a GPU) continues the same schedule without repeating the options.
 STAGE_KEYS = ("iterations", "batch", "lr", "warmup", "seed", "recall_weight", "init", "augment", "context_model",
-              "network", "channels", "widen_noise", "patch", "teacher", "elastic", "optimizer")
+              "network", "channels", "widen_noise", "patch", "teacher", "elastic", "optimizer", "stream")
 
 
 def main() -> None:
@@ -423,8 +432,15 @@ def main() -> None:
                     help="new stage: another OpenKBP folder whose patients are all trained on, never held out "
                          "(the validation set, once validation has fixed the recipe; recorded in the stage)")
     ap.add_argument("--precision", choices=("auto", "fp32", "bf16", "fp16"), default="auto",
-                    help="forward pass: auto = fp16 on a CUDA GPU, bf16 on a CPU with native bfloat16, else fp32 "
-                         "(a property of the machine, not of the stage: not recorded in it)")
+                    help="forward pass: auto = bf16 on a CUDA GPU with native bfloat16 (else fp16, gradients "
+                         "scaled), bf16 on a CPU with native bfloat16, else fp32 (a property of the machine, "
+                         "not of the stage: not recorded in it)")
+    ap.add_argument("--workers", type=int, metavar="N",
+                    help="processes drawing the patches (training/loader.py; default none on a CPU, all cores "
+                         "but two, at most 8, on a CUDA GPU); the batches do not depend on it")
+    ap.add_argument("--stream", choices=STREAMS, default="per-iteration",
+                    help="new stage: the patch stream; per-iteration (default) draws batch i from (seed, i) in "
+                         "any number of workers, sequential draws the patches of the stages before it; recorded")
     ap.add_argument("--teacher", type=Path, metavar="MODEL_TS",
                     help="new stage, softmax tasks: fill the organs a training patient lacks from this model's label "
                          "map (training/pseudo.py; the held-out patients keep their own references; recorded)")
@@ -441,6 +457,8 @@ def main() -> None:
         raise SystemExit(f"--teacher {args.teacher}: no such file; give a released model.ts (models/<task>/model.ts)")
     if args.teacher and TASKS[args.task].kind != "softmax":
         raise SystemExit(f"--teacher: {args.task} is not a softmax task; teacher labels fill missing organs")
+    if args.workers is not None and args.workers < 0:
+        raise SystemExit(f"--workers {args.workers}: give 0 (draw the patches in the training process) or more")
     if args.elastic and args.no_augment:
         raise SystemExit("--elastic with --no-augment: elastic deformation is part of the augmentation; drop one")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
@@ -460,6 +478,7 @@ def main() -> None:
     stage["teacher"] = _repo_relative(args.teacher) if args.teacher else None
     stage["teacher_sha256"] = hashlib.sha256(args.teacher.read_bytes()).hexdigest() if args.teacher else None
     it, best, history = 0, -1.0, []
+    torch.manual_seed(stage["seed"])  # a new stage's initial weights (from scratch, or its new heads) follow its seed
     ck = None
     if state_path.exists() and not args.new_stage:
         ck = torch.load(state_path, weights_only=False, map_location="cpu")
@@ -537,30 +556,33 @@ def main() -> None:
     logger.info("forward pass in %s on %s", precision, device.type)
     autocast = (contextlib.nullcontext() if precision == "fp32"
                 else torch.autocast(device.type, dtype=torch.float16 if precision == "fp16" else torch.bfloat16))
-    while it < stop:
+    # fp16's narrow range would flush small gradients to zero: scaled as torch.amp prescribes (no-op otherwise)
+    scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
+    workers = default_workers(device) if args.workers is None else args.workers
+    logger.info("patch stream %s, %d worker processes", stage.get("stream", "sequential"), workers)
+    feed = batches(sampler, stage, it, stop, workers, pin_memory=device.type == "cuda")
+    for x, y, k in feed:
         lr = stage["lr"] * min(1.0, (it + 1) / max(stage["warmup"], 1)) * (1 - it / total) ** 0.9
         for g in opt.param_groups:
             g["lr"] = lr
-        batch = [sampler.sample() for _ in range(stage["batch"])]
-        x = torch.from_numpy(np.stack([b[0] for b in batch])).to(device)
-        y = torch.from_numpy(np.stack([b[1] for b in batch])).to(device)
+        x, k = x.to(device, non_blocking=True), k.to(device, non_blocking=True)
+        y = y.to(device, non_blocking=True)
         y = y.long() if task.kind == "softmax" else y.float()
-        k = torch.from_numpy(np.stack([b[2] for b in batch])).to(device)
         with autocast:
             logits = net(x)
         logits = logits.float()  # the loss in fp32 whatever the forward pass ran in
         loss = loss_fn(logits, y, k)
         opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
+        scaler.scale(loss).backward()
+        scaler.step(opt)
+        scaler.update()
         it += 1
         run_loss.append(float(loss.detach()))
         if it % 50 == 0:
             logger.info("it %d loss %.4f lr %.2e %.2f s/it", it, np.mean(run_loss), lr, (time.time() - t0) / 50)
             t0, run_loss = time.time(), []
         if it % args.ckpt_every == 0 or it == stop:
-            dice = holdout_dice(net.cpu(), hold_cases, task, hold_contexts)
-            net.to(device)
+            dice = holdout_dice(net, hold_cases, task, hold_contexts)  # on the training device
             mean = float(np.nanmean(dice))
             history.append({"iteration": it, "holdout_dice": dict(zip([o[0] for o in task.outputs], dice))})
             logger.info("it %d holdout dice %s mean %.3f", it, np.round(dice, 3).tolist(), mean)
@@ -577,6 +599,7 @@ def main() -> None:
             if args.max_minutes and time.time() - started > 60 * args.max_minutes:
                 logger.info("stopping after %.1f minutes (--max-minutes)", (time.time() - started) / 60)
                 break
+    feed.close()  # the worker processes, when the stage stops early
     logger.info("done: %d iterations, best holdout mean Dice %.3f", it, best)
 
 

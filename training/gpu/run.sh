@@ -19,6 +19,8 @@
 # The files stay on disk throughout; only the index changes.  TRAIN ARGS go to
 # training.train as they are, e.g. a widened deep-supervised stage:
 #     bash training/gpu/run.sh remote hn_oar 7 --new-stage --channels 16 32 96 192 384 --network unet-ds --lr 3e-4 --iterations 6000
+# There the patches come from 8 worker processes (training/loader.py; --workers N to change), the
+# forward pass runs in bf16 where the GPU has it, and the held-out patients are scored on the GPU.
 # Files over 15 MiB come back in parts (the tool returns at most 16 MiB a file); fetch joins them.
 # Without --new-stage the committed stage resumes there (prepare ... resume; extend a finished
 # one with --reschedule N).  A new stage starts from the committed best.pt, which is what
