@@ -560,3 +560,42 @@ def test_a_stage_trains_the_same_weights_with_and_without_worker_processes(tmp_p
     monkeypatch.setattr("sys.argv", ["train", "--task", "hn_oar", "--workers", "-1"])
     with pytest.raises(SystemExit, match="--workers -1"):
         train.main()
+
+
+def test_batch_dice_scores_each_structure_over_the_batch_and_counts_false_positives_of_patches_without_it(
+    tmp_path, monkeypatch
+):
+    """--batch-dice: with one patch it is the per-patch loss; with a second patch that lacks the
+    structure but where it is known, that patch's false positives now cost Dice.  The stage
+    records it; a sigmoid task refuses it."""
+    from training import train
+
+    cases = [_synthetic_case(f"pt_{i}", i) for i in range(3)]
+    monkeypatch.setattr(train, "cached_cases", lambda *a, **k: list(cases))
+    seen = []
+    real_loss = train.softmax_marginal_loss
+    monkeypatch.setattr(train, "softmax_marginal_loss", lambda *a: seen.append(a[4]) or real_loss(*a))
+    monkeypatch.setattr("sys.argv", ["train", "--task", "hn_oar", "--data", str(tmp_path), "--checkpoints",
+                                     str(tmp_path / "ck"), "--holdout", "1", "--channels", *map(str, WIDTHS),
+                                     "--new-stage", "--iterations", "1", "--patch", *map(str, PATCH), "--batch-dice"])
+    train.main()
+    assert torch.load(tmp_path / "ck/hn_oar/state.pt", weights_only=False)["stage"]["batch_dice"] is True
+    assert seen == [True]
+    monkeypatch.setattr("sys.argv", ["train", "--task", "hn_target", "--new-stage", "--batch-dice"])
+    with pytest.raises(SystemExit, match="--batch-dice: hn_target is not a softmax task"):
+        train.main()
+
+    torch.manual_seed(0)
+    labels = torch.zeros(2, 4, 6, 6, dtype=torch.long)
+    labels[0, 1:3, 2:4, 2:4] = 1  # structure 1 in the first patch only
+    known = torch.ones(2, 2, 4, dtype=torch.bool)
+    logits = torch.zeros(2, 3, 4, 6, 6)
+    logits[:, 1, 1:3, 2:4, 2:4] = 4.0  # both patches predict it in the same place
+    one = softmax_marginal_loss(logits[:1], labels[:1], known[:1])
+    assert torch.isclose(softmax_marginal_loss(logits[:1], labels[:1], known[:1], batch_dice=True), one)
+    per_patch = softmax_marginal_loss(logits, labels, known)
+    batch = softmax_marginal_loss(logits, labels, known, batch_dice=True)
+    assert batch > per_patch + 0.1  # the second patch's false positives enter the Dice term
+    known[1, 0] = False  # ... unless the structure is unknown there (a patient without it)
+    assert torch.isclose(softmax_marginal_loss(logits, labels, known, batch_dice=True),
+                         softmax_marginal_loss(logits, labels, known))

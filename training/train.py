@@ -19,14 +19,15 @@ Its state lives in ``training/checkpoints/<task>/`` and is committed to the repo
 ``--new-stage`` starts a new one (``--init`` warm-starts it from a released model.ts).
 Batch i of a stage is drawn from (seed, i) (``training.loader``; stages before 2026-12-05
 re-seed one sequential stream at each start), so a resumed stage draws the same patches as an
-uninterrupted one would, with any number of ``--workers`` processes drawing them.  The last ``--holdout`` train patients (by patient
-number) are held out for checkpoint selection, scored on the slices where each structure
-is known (partial-length organs on their reference's slices only); the OpenKBP
-``validation`` set is not seen here (``training/evaluate.py`` measures it on the
-exported ONNX model) unless a stage asks for it with ``--extra-data``, once validation has
-fixed the recipe (training/README.md, "Training on train + validation").  Measured and not
-kept, but available as stage settings: ``--teacher`` (missing organs filled from a model's
-labels, ``training.pseudo``), ``--elastic`` and ``--optimizer sgd`` (training/README.md).
+uninterrupted one would, with any number of ``--workers`` processes drawing them.  The last
+``--holdout`` train patients (by patient number) are held out for checkpoint selection,
+scored on the slices where each structure is known (partial-length organs on their
+reference's slices only); the OpenKBP ``validation`` set is not seen here
+(``training/evaluate.py`` measures it on the exported ONNX model) unless a stage asks for it
+with ``--extra-data``, once validation has fixed the recipe (training/README.md, "Training on
+train + validation").  Measured and not kept, but available as stage settings: ``--teacher``
+(missing organs filled from a model's labels, ``training.pseudo``), ``--elastic``,
+``--optimizer sgd`` and ``--batch-dice`` (training/README.md).
 """
 
 from __future__ import annotations
@@ -152,7 +153,8 @@ RECALL_WEIGHT = 0.1
 
 
 def softmax_marginal_loss(
-    logits: torch.Tensor, labels: torch.Tensor, known_z: torch.Tensor, recall_weight: float = RECALL_WEIGHT
+    logits: torch.Tensor, labels: torch.Tensor, known_z: torch.Tensor, recall_weight: float = RECALL_WEIGHT,
+    batch_dice: bool = False,
 ) -> torch.Tensor:
     """Cross-entropy + soft Dice + per-structure recall, unknown structures merged into background.
 
@@ -174,6 +176,10 @@ def softmax_marginal_loss(
     at iteration 2500 of hn_oar 1.1.0 every organ was predicted 2-4x its contoured volume
     on the held-out patients (Dice 0.3-0.75).  hn_oar 1.1.0 used 0.5 until iteration 3000
     and 0.1 from there on; 0.1 is the default.
+
+    ``batch_dice`` (nnU-Net's option of that name): one Dice term per structure over the whole
+    batch instead of one per patch, for the structures inside any of its patches; a patch
+    without the structure then adds its false positives on the slices where it is known.
     """
     # log-space throughout: clamping probabilities before the log zeroes the gradient of any
     # class whose probability fell below the clamp, and it never comes back (this silenced
@@ -196,11 +202,13 @@ def softmax_marginal_loss(
     in_patch = size > 0  # B, n: Dice only for structures inside this patch (see below)
     # A Dice term for a structure absent from the patch pushes its probability to zero
     # everywhere (it silenced the rarely-seen Esophagus and Larynx in hn_oar 1.0.0).
-    inter = (p * oh).sum((2, 3, 4))
-    dice = 1 - (2 * inter + 1e-3) / (p.sum((2, 3, 4)) + size + 1e-3)
+    inter, psum, ref, scored = (p * oh).sum((2, 3, 4)), p.sum((2, 3, 4)), size, in_patch
+    if batch_dice:  # (B, n) -> (1, n): one term per structure in any patch of the batch
+        inter, psum, ref, scored = (t.sum(0, keepdim=True) for t in (inter, psum, ref, in_patch))
+    dice = 1 - (2 * inter + 1e-3) / (psum + ref + 1e-3)
     total = ce
     if in_patch.any():
-        total = total + dice[in_patch].mean()
+        total = total + dice[scored > 0].mean()
         nll_in = -(fg * oh).sum((2, 3, 4)) / size.clamp_min(1)
         total = total + recall_weight * nll_in[in_patch].mean()
     return total
@@ -369,8 +377,8 @@ def cpu_has_native_bf16(cpuinfo: Path = Path("/proc/cpuinfo")) -> bool:
 def training_precision(device: torch.device, choice: str = "auto") -> str:
     """The forward pass's precision: ``choice``, or for ``auto`` on a CUDA GPU bf16 autocast where
     it has native bfloat16 (compute capability 8 and up) and fp16 autocast with gradient scaling
-    elsewhere, on a CPU bf16 autocast where it has native bfloat16, fp32 otherwise.  Measured (training/README.md):
-    on an AVX2-only AMD EPYC bf16 autocast is emulated and ran 13x *slower* than fp32; on a
+    elsewhere; on a CPU bf16 autocast where it has native bfloat16, fp32 otherwise.  Measured
+    (training/README.md): on an AVX2-only AMD EPYC bf16 autocast is emulated and ran 13x *slower* than fp32; on a
     Zen 5 EPYC with AVX-512 BF16 it ran 1.3-1.6x faster per iteration.  Weights, optimiser,
     loss, held-out scoring and export stay fp32 whichever is chosen."""
     if choice != "auto":
@@ -391,7 +399,8 @@ def make_optimizer(net: torch.nn.Module, stage: dict) -> torch.optim.Optimizer:
 # What a stage of training is: stored in its checkpoint, so that resuming (make train, a new
 # machine, a GPU) continues the same schedule without repeating the options.
 STAGE_KEYS = ("iterations", "batch", "lr", "warmup", "seed", "recall_weight", "init", "augment", "context_model",
-              "network", "channels", "widen_noise", "patch", "teacher", "elastic", "optimizer", "stream")
+              "network", "channels", "widen_noise", "patch", "teacher", "elastic", "optimizer", "stream",
+              "batch_dice")
 
 
 def main() -> None:
@@ -450,6 +459,9 @@ def main() -> None:
     ap.add_argument("--optimizer", choices=("adamw", "sgd"), default="adamw",
                     help="new stage: AdamW (default) or nnU-Net's SGD with Nesterov momentum 0.99 (nnU-Net's peak "
                          "rate is 1e-2); recorded")
+    ap.add_argument("--batch-dice", action="store_true",
+                    help="new stage, softmax tasks: one Dice term per structure over the batch, not per patch "
+                         "(nnU-Net's batch_dice); recorded")
     ap.add_argument("--reschedule", type=int, metavar="N",
                     help="resume with the stage's poly schedule ending at iteration N instead (recorded in the stage)")
     args = ap.parse_args()
@@ -459,6 +471,8 @@ def main() -> None:
         raise SystemExit(f"--teacher: {args.task} is not a softmax task; teacher labels fill missing organs")
     if args.workers is not None and args.workers < 0:
         raise SystemExit(f"--workers {args.workers}: give 0 (draw the patches in the training process) or more")
+    if args.batch_dice and TASKS[args.task].kind != "softmax":
+        raise SystemExit(f"--batch-dice: {args.task} is not a softmax task; its loss has per-output Dice terms")
     if args.elastic and args.no_augment:
         raise SystemExit("--elastic with --no-augment: elastic deformation is part of the augmentation; drop one")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
@@ -537,7 +551,7 @@ def main() -> None:
     del cases, train_cases  # the sampler holds what it needs (normalised image, uint8 targets)
     if task.kind == "softmax":
         def head_loss(lg, y, k):
-            return softmax_marginal_loss(lg, y, k, stage["recall_weight"])
+            return softmax_marginal_loss(lg, y, k, stage["recall_weight"], bool(stage.get("batch_dice")))
     else:
         head_loss = sigmoid_loss
 
