@@ -78,9 +78,12 @@ def batches(
         if workers:
             logger.info("this stage's patch stream is sequential (a stage started before --workers, or "
                         "--stream sequential): drawn in the training process, --workers %d not used", workers)
+        else:
+            logger.info("patch stream sequential, drawn in the training process")
         for _ in range(start, stop):
             yield tuple(torch.from_numpy(a) for a in stack([sampler.sample() for _ in range(stage["batch"])]))
         return
+    logger.info("patch stream per-iteration, %d worker processes", workers)
     loader = DataLoader(
         PatchBatches(sampler, stage["batch"], stage["seed"]), batch_size=None, sampler=range(start, stop),
         num_workers=workers, pin_memory=pin_memory, prefetch_factor=4 if workers else None,
@@ -114,8 +117,9 @@ def main() -> None:
     sampler = Sampler(train_cases, task, np.random.default_rng(0), AugmentConfig())
     stage = {"batch": args.batch, "seed": 0, "stream": "per-iteration"}
     for workers in args.workers:
-        feed = batches(sampler, stage, 0, args.batches + 4 * max(workers, 1), workers)
-        for _ in range(4 * max(workers, 1)):  # the workers started and their first batches out
+        warmup = 4 * max(workers, 1)  # the workers started and their first batches out
+        feed = batches(sampler, stage, 0, warmup + args.batches, workers)
+        for _ in range(warmup):
             next(feed)
         t0 = time.perf_counter()
         for _ in range(args.batches):

@@ -378,9 +378,10 @@ def training_precision(device: torch.device, choice: str = "auto") -> str:
     """The forward pass's precision: ``choice``, or for ``auto`` on a CUDA GPU bf16 autocast where
     it has native bfloat16 (compute capability 8 and up) and fp16 autocast with gradient scaling
     elsewhere; on a CPU bf16 autocast where it has native bfloat16, fp32 otherwise.  Measured
-    (training/README.md): on an AVX2-only AMD EPYC bf16 autocast is emulated and ran 13x *slower* than fp32; on a
-    Zen 5 EPYC with AVX-512 BF16 it ran 1.3-1.6x faster per iteration.  Weights, optimiser,
-    loss, held-out scoring and export stay fp32 whichever is chosen."""
+    (training/README.md): on an AVX2-only AMD EPYC bf16 autocast is emulated and ran 13x
+    *slower* than fp32; on a Zen 5 EPYC with AVX-512 BF16 it ran 1.3-1.6x faster per
+    iteration.  Weights, optimiser, loss, held-out scoring and export stay fp32 whichever is
+    chosen."""
     if choice != "auto":
         return choice
     if device.type == "cuda":  # bfloat16 where the GPU has it (A100, H100, H200): fp32's range, no scaling
@@ -573,8 +574,7 @@ def main() -> None:
     # fp16's narrow range would flush small gradients to zero: scaled as torch.amp prescribes (no-op otherwise)
     scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
     workers = default_workers(device) if args.workers is None else args.workers
-    logger.info("patch stream %s, %d worker processes", stage.get("stream", "sequential"), workers)
-    feed = batches(sampler, stage, it, stop, workers, pin_memory=device.type == "cuda")
+    feed = batches(sampler, stage, it, stop, workers, pin_memory=device.type == "cuda")  # logs who draws them
     for x, y, k in feed:
         lr = stage["lr"] * min(1.0, (it + 1) / max(stage["warmup"], 1)) * (1 - it / total) ** 0.9
         for g in opt.param_groups:
